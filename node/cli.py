@@ -1,0 +1,204 @@
+"""``fl-node``: the command line. The one place that wires the real pieces together."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+from .config import DATASETS, LOG_LEVELS, PARTITIONS, ConfigError, NodeConfig, build_config
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits with 2 and a one-line reason (its default, kept explicit)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def add_node_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by `start` (all) and `demo` (the training ones)."""
+    d = NodeConfig()
+    g = p.add_argument_group("training")
+    g.add_argument("--dataset", choices=DATASETS, help=f"data set (default {d.dataset})")
+    g.add_argument("--data-dir", help="where mnist / fashion-mnist / cifar10 files live")
+    g.add_argument("--download", action="store_true", default=None,
+                   help="download a torchvision data set into --data-dir if missing")
+    g.add_argument("--model", help=f"model name from the registry: cnn, mlp, linear"
+                   f" (default {d.model})")
+    g.add_argument("--partition", choices=PARTITIONS, help=f"how data is split (default"
+                   f" {d.partition})")
+    g.add_argument("--alpha", type=float, help=f"Dirichlet concentration (default {d.alpha})")
+    g.add_argument("--seed", type=int, help=f"shared seed: genesis model, partitions"
+                   f" (default {d.seed})")
+    g.add_argument("--rounds", type=int, help=f"rounds to train (default {d.rounds})")
+    g.add_argument("--local-epochs", type=int, help=f"local epochs per round (default"
+                   f" {d.local_epochs})")
+    g.add_argument("--batch-size", type=int, help=f"batch size (default {d.batch_size})")
+    g.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
+    g.add_argument("--round-timeout", type=float, help=f"seconds an aggregator waits for"
+                   f" updates (default {d.round_timeout:g})")
+    g.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
+                   help=f"(default {d.log_level})")
+    g.add_argument("--log-file", help="also write the log to this file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `fl-node` argument parser."""
+    parser = _Parser(prog="fl-node", description="Peer-to-peer federated-learning node.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    d = NodeConfig()
+
+    start = sub.add_parser("start", help="run one node")
+    start.add_argument("--config", help="TOML file with the same keys as these flags")
+    start.add_argument("--name", help=f"human name of this node (default {d.name})")
+    start.add_argument("--state-dir", help="key, sequence numbers, endpoint file (default"
+                       " ~/.local/state/fl-node/NAME)")
+    start.add_argument("--federation", help=f"federation name (default {d.federation})")
+    start.add_argument("--host", help=f"address for peer traffic (default {d.host})")
+    start.add_argument("--port", type=int, help=f"peer port, 0 = any free (default {d.port})")
+    start.add_argument("--web-host", help=f"address of the web API (default {d.web_host})")
+    start.add_argument("--web-port", type=int, help=f"web API port, 0 = any free (default"
+                       f" {d.web_port})")
+    start.add_argument("--peer", action="append", dest="peers", metavar="HOST:PORT",
+                       help="a peer to connect to (repeatable)")
+    start.add_argument("--min-peers", type=_positive_int,
+                       help="peers to wait for before round 1 (default: number of --peer)")
+    start.add_argument("--start-timeout", type=float, help=f"seconds to wait for --min-peers"
+                       f" before starting anyway (default {d.start_timeout:g})")
+    start.add_argument("--num-partitions", type=int, help="how many shards the data is"
+                       " split into (one per node)")
+    start.add_argument("--partition-index", type=int, help="which shard this node trains on")
+    start.add_argument("--max-message-size", type=int, help="largest accepted frame, bytes")
+    add_node_options(start)
+
+    demo = sub.add_parser("demo", help="run several nodes on this machine and report")
+    demo.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
+    demo.add_argument("--base-dir", help="state dirs go here (default: a temporary dir)")
+    add_node_options(demo)
+
+    status = sub.add_parser("status", help="print a running node's status")
+    status.add_argument("url", nargs="?", default=f"http://127.0.0.1:{d.web_port}",
+                        help="the node's web address")
+    status.add_argument("--json", action="store_true", help="print the raw status object")
+    return parser
+
+
+def setup_logging(level: str, log_file: str | None, name: str = "") -> None:
+    """Log to stderr (and to ``log_file``) with the node name on every line."""
+    fmt = f"%(asctime)s %(levelname)-7s {name + ' ' if name else ''}%(name)s: %(message)s"
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _flags(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """Run one node until SIGINT/SIGTERM."""
+    try:
+        flags = _flags(args, {"command", "config"})
+        if "peers" in flags:
+            flags["peers"] = tuple(flags["peers"])
+        config = build_config(flags, config_file=args.config)
+    except ConfigError as exc:
+        print(f"fl-node start: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(config.log_level, config.log_file, config.name)
+    import torch
+
+    from ml.learner import TorchLearner
+
+    from .daemon import Node, install_signal_handlers
+
+    torch.set_num_threads(1)
+    try:
+        learner = TorchLearner(
+            dataset=config.dataset, model=config.model, data_dir=config.data_dir,
+            download=config.download, partition=config.partition, alpha=config.alpha,
+            num_partitions=config.num_partitions, partition_index=config.partition_index,
+            seed=config.seed, local_epochs=config.local_epochs, batch_size=config.batch_size,
+            lr=config.lr,
+        )
+    except ValueError as exc:
+        print(f"fl-node start: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def main() -> None:
+        node = Node(config, learner)
+        install_signal_handlers(node)
+        await node.run()
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Fetch /api/status once and print it."""
+    url = args.url.rstrip("/") + "/api/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (user-given URL)
+            status = json.load(resp)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"fl-node status: cannot read {url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def format_status(s: dict[str, Any]) -> str:
+    """A short human summary of a status object."""
+    acc = "-" if s.get("accuracy") is None else f"{s['accuracy']:.4f}"
+    loss = "-" if s.get("loss") is None else f"{s['loss']:.4f}"
+    lines = [
+        f"{s['name']} ({s['node_id']})  federation {s.get('federation', '?')}",
+        f"state {s['state']}  round {s['round']}/{s['rounds_total']}  accuracy {acc}"
+        f"  loss {loss}",
+        f"aggregator {s.get('aggregator') or '-'}  model {s['model_hash'][:16]}",
+        f"peers ({len(s['peers'])}):",
+    ]
+    for p in s["peers"]:
+        rtt = "-" if p.get("rtt_ms") is None else f"{p['rtt_ms']:.0f} ms"
+        lines.append(f"  {p['name']:<12} {p['node_id']}  {p['address']:<21} {p['state']:<10}"
+                     f" rtt {rtt}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `fl-node` console script."""
+    args = build_parser().parse_args(argv)
+    if args.command == "start":
+        return cmd_start(args)
+    if args.command == "status":
+        return cmd_status(args)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

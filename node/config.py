@@ -1,0 +1,199 @@
+"""One configuration object, loaded from a TOML file, then FL_NODE_* variables, then flags.
+
+Every field is documented in ``FIELDS`` (the help text of its flag) and in README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from protocol.envelope import DEFAULT_MAX_MESSAGE_SIZE
+
+DATASETS = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10")
+PARTITIONS = ("iid", "dirichlet")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_PEER_RE = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message says which and why."""
+
+
+def default_state_dir(name: str) -> str:
+    """``$XDG_STATE_HOME/fl-node/<name>`` (``~/.local/state/fl-node/<name>``)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return os.path.join(base, "fl-node", name)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything `fl-node start` can be told. Defaults are what a fresh node uses."""
+
+    name: str = "node"
+    state_dir: str = ""
+    federation: str = "default"
+    host: str = "0.0.0.0"
+    port: int = 7700
+    web_host: str = "127.0.0.1"
+    web_port: int = 7800
+    peers: tuple[str, ...] = ()
+    min_peers: int | None = None
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    model: str = "cnn"
+    partition: str = "iid"
+    alpha: float = 0.5
+    num_partitions: int = 1
+    partition_index: int = 0
+    seed: int = 0
+    rounds: int = 10
+    local_epochs: int = 2
+    batch_size: int = 32
+    lr: float = 0.05
+    round_timeout: float = 60.0
+    start_timeout: float = 60.0
+    heartbeat_interval: float = 1.0
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    log_level: str = "INFO"
+    log_file: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def effective_min_peers(self) -> int:
+        """``min_peers``, or by default the number of static peers."""
+        return len(self.peers) if self.min_peers is None else self.min_peers
+
+    @property
+    def resolved_state_dir(self) -> str:
+        """``state_dir`` or the default one for this node's name."""
+        return self.state_dir or default_state_dir(self.name)
+
+    def validated(self) -> NodeConfig:
+        """Return self if every value is acceptable, else raise ConfigError."""
+        problems: list[str] = []
+
+        def need(ok: bool, text: str) -> None:
+            if not ok:
+                problems.append(text)
+
+        need(bool(_NAME_RE.match(self.name)), f"--name {self.name!r}: 1-64 letters, digits, . _ -")
+        need(bool(_NAME_RE.match(self.federation)), f"--federation {self.federation!r}: 1-64"
+             " letters, digits, . _ -")
+        for label, port in (("--port", self.port), ("--web-port", self.web_port)):
+            need(0 <= port <= 65535, f"{label} {port}: must be 0-65535 (0 picks a free port)")
+        for peer in self.peers:
+            m = _PEER_RE.match(peer)
+            need(bool(m) and 0 < int(m.group("port")) <= 65535 if m else False,
+                 f"--peer {peer!r}: expected HOST:PORT")
+        need(self.min_peers is None or self.min_peers >= 0, "--min-peers: must be >= 0")
+        need(self.dataset in DATASETS, f"--dataset {self.dataset!r}: one of {', '.join(DATASETS)}")
+        need(self.partition in PARTITIONS, f"--partition {self.partition!r}: iid or dirichlet")
+        need(self.alpha > 0, f"--alpha {self.alpha}: must be > 0")
+        need(self.num_partitions >= 1, "--num-partitions: must be >= 1")
+        need(0 <= self.partition_index < max(self.num_partitions, 1),
+             f"--partition-index {self.partition_index}: must be in 0..{self.num_partitions - 1}")
+        need(self.rounds >= 1, "--rounds: must be >= 1")
+        need(self.local_epochs >= 1, "--local-epochs: must be >= 1")
+        need(self.batch_size >= 1, "--batch-size: must be >= 1")
+        need(0 < self.lr <= 10, f"--lr {self.lr}: must be in (0, 10]")
+        need(self.round_timeout > 0, "--round-timeout: must be > 0")
+        need(self.start_timeout >= 0, "--start-timeout: must be >= 0")
+        need(self.heartbeat_interval > 0, "--heartbeat-interval: must be > 0")
+        need(self.max_message_size >= 64 * 1024, "--max-message-size: must be >= 65536")
+        need(self.log_level.upper() in LOG_LEVELS, f"--log-level: one of {', '.join(LOG_LEVELS)}")
+        if self.download and self.dataset in ("digits", "synthetic"):
+            problems.append(f"--download: {self.dataset} needs no download")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return replace(self, log_level=self.log_level.upper())
+
+
+_FIELD_TYPES = {f.name: f.type for f in fields(NodeConfig) if f.name != "extra"}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    kind = _FIELD_TYPES[key]
+    try:
+        if kind in ("int",):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "int | None":
+            return None if value in (None, "") else int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if kind == "tuple[str, ...]":
+            if isinstance(value, str):
+                return tuple(p.strip() for p in value.split(",") if p.strip())
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError
+            return tuple(value)
+        if kind in ("str", "str | None"):
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {key} = {value!r} is not a valid {kind}") from None
+    raise AssertionError(kind)
+
+
+def from_toml(path: str) -> dict[str, Any]:
+    """Read a TOML config file (keys as the flags, with - or _); ConfigError if bad."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path}: not valid TOML ({exc})") from None
+    table = raw.get("node", raw)
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        k = key.replace("-", "_")
+        if k == "peer":
+            k = "peers"
+        if k not in _FIELD_TYPES:
+            raise ConfigError(f"--config {path}: unknown key {key!r}")
+        out[k] = _coerce(k, value, f"--config {path}")
+    return out
+
+
+def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """``FL_NODE_<FIELD>`` variables (e.g. FL_NODE_PORT, FL_NODE_PEERS=a:1,b:2)."""
+    environ = dict(os.environ) if environ is None else environ
+    out: dict[str, Any] = {}
+    for key in _FIELD_TYPES:
+        value = environ.get(f"FL_NODE_{key.upper()}")
+        if value is not None:
+            out[key] = _coerce(key, value, f"FL_NODE_{key.upper()}")
+    return out
+
+
+def build_config(flags: dict[str, Any], *, config_file: str | None = None,
+                 environ: dict[str, str] | None = None) -> NodeConfig:
+    """Defaults < TOML file < environment < flags given on the command line."""
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(from_toml(config_file))
+    values.update(from_env(environ))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return NodeConfig(**values).validated()

@@ -1,0 +1,386 @@
+"""The node daemon: one supervisor over the transport, web API, timers and the trainer.
+
+``Node.run()`` owns one ``asyncio.TaskGroup``. The round machine (protocol.rounds) decides;
+this module carries out its actions: training, aggregation and evaluation run one at a
+time on a worker thread (the event loop never blocks), frames go out through the peer
+transport, and the deadline timer is re-armed after every input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from protocol.envelope import Envelope
+from protocol.identity import Identity, node_id_from_key
+from protocol.messages import Heartbeat, Hello
+from protocol.rounds import (
+    Aggregate,
+    Commit,
+    Note,
+    Phase,
+    PublishModel,
+    RoundMachine,
+    RoundTimeouts,
+    SendUpdate,
+    StartTraining,
+)
+
+from .config import NodeConfig
+from .core import NodeCore
+from .learner import Learner, Weights
+from .state import SequenceCounter, atomic_write
+from .transport import Link, PeerTransport, now
+from .weights import from_tensors, to_tensors
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_FILE = "endpoint.json"
+#: Frames at least this large are encoded on a worker thread.
+THREAD_ENCODE_MIN_PARAMS = 256 * 1024
+
+
+@dataclass
+class RoundRecord:
+    """What one completed round looked like from this node."""
+
+    round: int
+    accuracy: float | None
+    loss: float | None
+    aggregator: str
+    contributors: int
+    num_examples: int
+    model_hash: str
+    started_at: float
+    finished_at: float
+    train_seconds: float
+    round_seconds: float
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Node:
+    """A running fl-node: build it with a config and a learner, then ``await run()``."""
+
+    def __init__(self, config: NodeConfig, learner: Learner) -> None:
+        self.config = config
+        self.learner = learner
+        state_dir = Path(config.resolved_state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = state_dir
+        self.identity = Identity.load_or_create(state_dir)
+        genesis = {k: np.ascontiguousarray(v) for k, v in learner.initial_weights().items()}
+        self.weights: Weights = genesis
+        self.machine = RoundMachine(
+            self_key=self.identity.public_key,
+            federation=config.federation,
+            rounds_total=config.rounds,
+            genesis=to_tensors(genesis),
+            min_peers=config.effective_min_peers,
+            timeouts=RoundTimeouts(collect=config.round_timeout,
+                                   model=config.round_timeout * 1.5,
+                                   start=config.start_timeout),
+        )
+        self.core = NodeCore(
+            identity=self.identity, name=config.name, federation=config.federation,
+            port=config.port, machine=self.machine, seq=SequenceCounter(state_dir),
+            max_message_size=config.max_message_size,
+        )
+        self.transport = PeerTransport(self.core, on_frame=self._on_frame,
+                                       on_link_up=self._on_link_up,
+                                       on_link_down=self._on_link_down)
+        self.history: list[RoundRecord] = []
+        self.accuracy: float | None = None
+        self.loss: float | None = None
+        self.started_at = time.time()
+        self._round_started = time.time()
+        self._round_train_seconds = 0.0
+        self._jobs: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._timer_changed = asyncio.Event()
+        self._stop_training = threading.Event()
+        self._shutdown = asyncio.Event()
+        self.web_port = 0
+        self.peer_port = 0
+
+    # -- identity & status ------------------------------------------------------------
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    @property
+    def state(self) -> str:
+        """The node's state word, as shown in status and heartbeats."""
+        return self.machine.phase.value
+
+    def model_hash(self) -> str:
+        return self.machine.model_digest.hex()
+
+    def status(self) -> dict[str, Any]:
+        """The object served at ``GET /api/status``."""
+        m = self.machine
+        agg = m.aggregator or m.last_aggregator
+        peers = []
+        for key, st in self.core.known.items():
+            link = self.transport.links.get(key)
+            peers.append({
+                "node_id": node_id_from_key(key), "name": st.name,
+                "address": link.address if link else st.address,
+                "state": "connected" if link else "gone",
+                "round": st.rounds, "peer_state": st.state,
+                "last_seen": st.last_seen and time.time() - (now() - st.last_seen),
+                "rtt_ms": st.rtt_ms, "rejected": st.rejected,
+            })
+        c = self.core.counters
+        return {
+            "node_id": self.node_id,
+            "name": self.config.name,
+            "federation": self.config.federation,
+            "state": self.state,
+            "round": m.completed,
+            "rounds_total": m.rounds_total,
+            "current_round": m.current if m.phase not in (Phase.DONE,) else m.completed,
+            "aggregator": node_id_from_key(agg) if agg else None,
+            "is_aggregator": agg == self.identity.public_key if agg else False,
+            "attempt": m.attempt,
+            "peers": peers,
+            "model_hash": self.model_hash(),
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "peer_port": self.peer_port,
+            "web_port": self.web_port,
+            "uptime_s": time.time() - self.started_at,
+            "traffic": {
+                "bytes_sent": c.bytes_sent, "bytes_received": c.bytes_received,
+                "messages_sent": c.messages_sent, "messages_received": c.messages_received,
+                "rejected": c.rejected, "rejected_reasons": dict(c.rejected_reasons),
+            },
+            "learner": self.learner.describe(),
+        }
+
+    # -- supervision ------------------------------------------------------------------
+
+    def request_shutdown(self) -> None:
+        """Ask ``run`` to stop gracefully (signal handlers call this)."""
+        self._shutdown.set()
+        self._stop_training.set()
+
+    async def run(self) -> None:
+        """Serve peers and the web API, and train, until shutdown is requested."""
+        peer_runner = web.AppRunner(self.transport.app(), handle_signals=False)
+        web_runner = web.AppRunner(self._web_app(), handle_signals=False)
+        await peer_runner.setup()
+        await web_runner.setup()
+        try:
+            peer_site = web.TCPSite(peer_runner, self.config.host, self.config.port)
+            await peer_site.start()
+            web_site = web.TCPSite(web_runner, self.config.web_host, self.config.web_port)
+            await web_site.start()
+            self.peer_port = _bound_port(peer_runner)
+            self.web_port = _bound_port(web_runner)
+            self.core.port = self.peer_port
+            self._write_endpoint()
+            log.info("node %s (%s) peer port %d, web http://%s:%d/", self.config.name,
+                     self.node_id, self.peer_port, self.config.web_host, self.web_port)
+            async with asyncio.TaskGroup() as tg:
+                for address in self.config.peers:
+                    tg.create_task(self.transport.dial(address), name=f"dial {address}")
+                tg.create_task(self._worker(), name="worker")
+                tg.create_task(self._timer(), name="timer")
+                tg.create_task(self._heartbeats(), name="heartbeats")
+                self.machine.start(now())
+                self._drain()
+                await self._shutdown.wait()
+                raise _Shutdown
+        except* _Shutdown:
+            pass
+        finally:
+            self._stop_training.set()
+            await self.transport.close()
+            await web_runner.cleanup()
+            await peer_runner.cleanup()
+            with contextlib.suppress(FileNotFoundError):
+                (self.state_dir / ENDPOINT_FILE).unlink()
+            log.info("node %s stopped", self.config.name)
+
+    def _web_app(self) -> web.Application:
+        from .web import build_web_app
+
+        return build_web_app(self)
+
+    def _write_endpoint(self) -> None:
+        atomic_write(self.state_dir / ENDPOINT_FILE, json.dumps({
+            "pid": os.getpid(), "node_id": self.node_id, "peer_port": self.peer_port,
+            "web_port": self.web_port, "web_host": self.config.web_host,
+        }).encode(), mode=0o644)
+
+    # -- machine driving --------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Carry out the round machine's actions, then re-arm the timer."""
+        for action in self.machine.take_actions():
+            if isinstance(action, StartTraining):
+                self._jobs.put_nowait(("train", action))
+            elif isinstance(action, SendUpdate):
+                self._jobs.put_nowait(("send_update", action))
+            elif isinstance(action, Aggregate):
+                self._jobs.put_nowait(("aggregate", action))
+            elif isinstance(action, PublishModel):
+                self._jobs.put_nowait(("publish", action))
+            elif isinstance(action, Commit):
+                self._on_commit(action)
+            elif isinstance(action, Note):
+                level = logging.WARNING if action.kind in ("aggregator_failed",
+                                                           "model_conflict") else logging.INFO
+                log.log(level, "%s: %s", action.kind.replace("_", " "), action.detail)
+        self._timer_changed.set()
+
+    def _on_commit(self, action: Commit) -> None:
+        model = action.model
+        # Copy: the wire buffers are read-only views into the received frame.
+        self.weights = {k: np.array(v) for k, v in from_tensors(model.weights).items()}
+        self._stop_training.set()  # a model for the round we train means our work is moot
+        self._jobs.put_nowait(("evaluate", action))
+
+    async def _worker(self) -> None:
+        """Run blocking jobs one at a time on a worker thread, in order."""
+        while True:
+            kind, action = await self._jobs.get()
+            try:
+                await self._run_job(kind, action)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s job failed", kind)
+
+    async def _run_job(self, kind: str, action: Any) -> None:
+        if kind == "train":
+            if action.round != self.machine.current or self.machine.phase is not Phase.TRAINING:
+                return
+            self._round_started = time.time()
+            self._stop_training.clear()
+            base = self.weights
+            result = await asyncio.to_thread(self.learner.train, base, action.round,
+                                             self._stop_training)
+            self._round_train_seconds = result.seconds
+            log.info("round %d: trained on %d examples in %.2f s (loss %.4f)", action.round,
+                     result.num_examples, result.seconds, result.loss)
+            self.machine.training_done(action.round, to_tensors(result.weights),
+                                       result.num_examples, float(result.loss),
+                                       float(result.seconds), now())
+        elif kind == "send_update":
+            frame = await self._encode(self.core.frame, action.update)
+            if not self.transport.send(action.to, frame):
+                log.warning("no link to aggregator %s", node_id_from_key(action.to))
+        elif kind == "aggregate":
+            updates = [(from_tensors(u.weights), u.num_examples) for u in action.updates.values()]
+            merged = await asyncio.to_thread(self.learner.aggregate, updates)
+            merged = {k: np.ascontiguousarray(v) for k, v in merged.items()}
+            self.machine.aggregation_done(action.round, action.attempt, to_tensors(merged),
+                                          action.updates.keys(),
+                                          sum(n for _, n in updates), now())
+        elif kind == "publish":
+            frame = await self._encode(self.core.publish, action.model)
+            sent = self.transport.broadcast(frame)
+            log.info("round %d: published the global model to %d peers", action.model.round,
+                     sent)
+        elif kind == "evaluate":
+            await self._evaluate(action)
+        self._drain()
+
+    async def _encode(self, fn: Any, message: Any) -> bytes | bytearray:
+        params = sum(t.nbytes for t in message.weights) // 4
+        if params >= THREAD_ENCODE_MIN_PARAMS:
+            return await asyncio.to_thread(fn, message)
+        return fn(message)
+
+    async def _evaluate(self, action: Commit) -> None:
+        model = action.model
+        result = await asyncio.to_thread(self.learner.evaluate, self.weights)
+        self.accuracy, self.loss = float(result.accuracy), float(result.loss)
+        finished = time.time()
+        record = RoundRecord(
+            round=model.round, accuracy=self.accuracy, loss=self.loss,
+            aggregator=node_id_from_key(model.aggregator), contributors=len(model.contributors),
+            num_examples=model.num_examples, model_hash=model.digest.hex(),
+            started_at=self._round_started, finished_at=finished,
+            train_seconds=self._round_train_seconds,
+            round_seconds=finished - self._round_started,
+        )
+        self.history.append(record)
+        log.info("round %d/%d committed: accuracy %.4f loss %.4f aggregator %s model %s",
+                 model.round, self.machine.rounds_total, self.accuracy, self.loss,
+                 record.aggregator, record.model_hash[:12])
+
+    async def _timer(self) -> None:
+        """Call ``machine.tick`` at its deadlines."""
+        while True:
+            deadline = self.machine.next_deadline()
+            self._timer_changed.clear()
+            timeout = None if deadline is None else max(0.0, deadline - now())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._timer_changed.wait()
+                    continue
+            self.machine.tick(now())
+            self._drain()
+
+    async def _heartbeats(self) -> None:
+        """Tell every peer our round and state, and measure RTT, once per interval."""
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            if self.transport.links:
+                self.transport.broadcast(self.core.heartbeat(self.state))
+
+    # -- transport callbacks ----------------------------------------------------------
+
+    async def _on_frame(self, link: Link, env: Envelope, frame: bytes) -> None:
+        self.core.dispatch(link.key, env, frame, now())
+        msg = env.message
+        if isinstance(msg, Heartbeat) and msg.echo_ts == 0:
+            self.transport.send(link.key, self.core.heartbeat(self.state, echo_ts=msg.ping_ts))
+        self._drain()
+
+    def _on_link_up(self, link: Link, hello: Hello) -> None:
+        self.core.peer_joined(link.key, hello, link.address, now())
+        # A peer that is behind gets the signed global model we hold (catch-up).
+        frame = self.core.latest_model_frame
+        if frame is not None and hello.round < self.machine.completed:
+            self.transport.send(link.key, frame)
+        self._drain()
+
+    def _on_link_down(self, link: Link) -> None:
+        self.core.peer_left(link.key, now())
+        self._drain()
+
+
+class _Shutdown(Exception):
+    """Raised inside the task group to cancel its tasks on shutdown."""
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            return int(server.sockets[0].getsockname()[1])
+    raise RuntimeError("site not bound")
+
+
+def install_signal_handlers(node: Node) -> None:
+    """SIGINT and SIGTERM ask the node to shut down gracefully."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, node.request_shutdown)

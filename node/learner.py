@@ -1,0 +1,59 @@
+"""The seam between the node and machine learning.
+
+The node never imports ``ml``: it talks to anything with these methods. ``node.cli`` wires
+in ``ml.learner.TorchLearner``; node tests use small fakes without torch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+Weights = dict[str, np.ndarray]
+
+
+class TrainResultLike(Protocol):
+    """What ``Learner.train`` returns."""
+
+    weights: Weights
+    num_examples: int
+    loss: float
+    seconds: float
+
+
+class EvalResultLike(Protocol):
+    """What ``Learner.evaluate`` returns."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+class Learner(Protocol):
+    """Local training, evaluation and aggregation over plain numpy weights.
+
+    Methods block and are called from a worker thread, one at a time.
+    """
+
+    def initial_weights(self) -> Weights:
+        """The genesis model: identical on every node with the same configuration."""
+
+    def train(self, weights: Weights, round_number: int,
+              stop: threading.Event | None = None) -> TrainResultLike:
+        """Train locally from ``weights``; return early when ``stop`` is set."""
+
+    def evaluate(self, weights: Weights) -> EvalResultLike:
+        """Loss and accuracy on the held-out test split."""
+
+    def aggregate(self, updates: Sequence[tuple[Weights, int]]) -> Weights:
+        """Combine (weights, example count) pairs into the next global model."""
+
+    @property
+    def num_examples(self) -> int:
+        """Size of this node's training shard."""
+
+    def describe(self) -> dict[str, object]:
+        """Facts about the data and model, for status."""

@@ -1,0 +1,288 @@
+"""Many nodes in one process: an in-memory network with a fake clock.
+
+Each simulated node is a real ``NodeCore`` (real keys, signed envelopes, replay guard,
+round machine); only the sockets, threads and wall clock are replaced, by an event queue
+in simulated seconds. Training is a deterministic vector update, so a 50-node, 100-round
+run takes seconds and behaves the same way every time for a given seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protocol.errors import ProtocolError
+from protocol.identity import Identity
+from protocol.messages import Hello
+from protocol.rounds import (
+    Aggregate,
+    Commit,
+    Note,
+    PublishModel,
+    RoundMachine,
+    RoundTimeouts,
+    SendUpdate,
+    StartTraining,
+)
+
+from .core import NodeCore
+from .state import SequenceCounter
+from .weights import from_tensors, to_tensors
+
+FEDERATION = "sim"
+
+
+class VectorLearner:
+    """A stand-in learner: each node pulls the model towards its own target vector."""
+
+    def __init__(self, index: int, size: int = 8, num_examples: int = 100) -> None:
+        rng = np.random.default_rng(index)
+        self.target = rng.normal(size=size).astype(np.float32)
+        self.size = size
+        self.num_examples = num_examples
+
+    def initial_weights(self) -> dict[str, np.ndarray]:
+        return {"w": np.zeros(self.size, np.float32), "b": np.zeros(2, np.float32)}
+
+    def train(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        w = weights["w"] + 0.5 * (self.target - weights["w"])
+        return {"w": w.astype(np.float32), "b": (weights["b"] + 1).astype(np.float32)}
+
+    @staticmethod
+    def aggregate(updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+        total = sum(n for _, n in updates)
+        return {
+            k: (sum(w[k].astype(np.float64) * n for w, n in updates) / total).astype(np.float32)
+            for k in updates[0][0]
+        }
+
+
+@dataclass
+class SimNode:
+    """One simulated node: its core, learner, current weights and what it committed."""
+
+    index: int
+    core: NodeCore
+    learner: VectorLearner
+    weights: dict[str, np.ndarray]
+    alive: bool = True
+    commits: dict[int, bytes] = field(default_factory=dict)
+    aggregated: dict[int, bytes] = field(default_factory=dict)
+    notes: list[tuple[float, str, str]] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    epoch: int = 0  # bumped on crash so stale scheduled work is dropped
+
+    @property
+    def key(self) -> bytes:
+        return self.core.key
+
+
+class Simulation:
+    """An event-driven network of ``SimNode``s with latency, crashes and link cuts."""
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        rounds: int = 5,
+        seed: int = 0,
+        latency: tuple[float, float] = (0.005, 0.05),
+        train_time: tuple[float, float] = (1.0, 3.0),
+        timeouts: RoundTimeouts = RoundTimeouts(collect=30.0, model=45.0, start=10.0),
+        min_peers: int | None = None,
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.now = 0.0
+        self.latency = latency
+        self.train_time = train_time
+        self._queue: list[tuple[float, int, Callable[[], None]]] = []
+        self._counter = itertools.count()
+        self.cut: set[frozenset[int]] = set()
+        self.links: set[frozenset[int]] = set()
+        self.nodes: list[SimNode] = []
+        for i in range(n):
+            ident = Identity.from_seed(hashlib.sha256(f"{seed}/{i}".encode()).digest())
+            learner = VectorLearner(i)
+            genesis = learner.initial_weights()
+            machine = RoundMachine(
+                self_key=ident.public_key, federation=FEDERATION, rounds_total=rounds,
+                genesis=to_tensors(genesis),
+                min_peers=n - 1 if min_peers is None else min_peers, timeouts=timeouts,
+            )
+            core = NodeCore(identity=ident, name=f"n{i}", federation=FEDERATION, port=0,
+                            machine=machine, seq=SequenceCounter(None),
+                            wall_ms=lambda: int(1_700_000_000_000 + self.now * 1000))
+            self.nodes.append(SimNode(i, core, learner, genesis))
+        self.by_key = {node.key: node for node in self.nodes}
+
+    # -- scheduling -------------------------------------------------------------------
+
+    def at(self, delay: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` ``delay`` simulated seconds from now."""
+        heapq.heappush(self._queue, (self.now + delay, next(self._counter), fn))
+
+    def run(self, until: float, stop: Callable[[], bool] | None = None) -> None:
+        """Process events up to simulated time ``until`` (or until ``stop()`` is true)."""
+        while self._queue and self._queue[0][0] <= until:
+            t, _, fn = heapq.heappop(self._queue)
+            self.now = max(self.now, t)
+            fn()
+            if stop is not None and stop():
+                return
+        self.now = max(self.now, until)
+
+    # -- topology ---------------------------------------------------------------------
+
+    def start(self, full_mesh: bool = True) -> None:
+        """Connect every pair (handshake included) and start every node."""
+        if full_mesh:
+            for a in range(len(self.nodes)):
+                for b in range(a + 1, len(self.nodes)):
+                    self.connect(a, b)
+        for node in self.nodes:
+            node.core.machine.start(self.now)
+            self._drain(node)
+
+    def connect(self, a: int, b: int) -> None:
+        """Bring a link up with a real two-way hello exchange."""
+        na, nb = self.nodes[a], self.nodes[b]
+        if not (na.alive and nb.alive) or frozenset((a, b)) in self.links:
+            return
+        nonce_a, nonce_b = na.core.new_nonce(), nb.core.new_nonce()
+        hello_a = na.core.hello(nonce_a)
+        env_a, msg_a = nb.core.accept_hello(bytes(hello_a), None)
+        hello_b = nb.core.hello(nonce_b, echo=msg_a.nonce)
+        env_b, msg_b = na.core.accept_hello(bytes(hello_b), nonce_a)
+        self.links.add(frozenset((a, b)))
+        na.core.peer_joined(nb.key, msg_b, f"sim:{b}", self.now)
+        nb.core.peer_joined(na.key, msg_a, f"sim:{a}", self.now)
+        self._catch_up(na, nb, msg_b)
+        self._catch_up(nb, na, msg_a)
+        self._drain(na)
+        self._drain(nb)
+
+    def _catch_up(self, ahead: SimNode, peer: SimNode, peer_hello: Hello) -> None:
+        frame = ahead.core.latest_model_frame
+        if frame is not None and peer_hello.round < ahead.core.machine.completed:
+            self._deliver(ahead, peer, frame)
+
+    def disconnect(self, a: int, b: int) -> None:
+        """Take a link down; both ends notice at once (as with a closed TCP connection)."""
+        if frozenset((a, b)) not in self.links:
+            return
+        self.links.discard(frozenset((a, b)))
+        for x, y in ((a, b), (b, a)):
+            node = self.nodes[x]
+            if node.alive:
+                node.core.peer_left(self.nodes[y].key, self.now)
+                self._drain(node)
+
+    def crash(self, i: int) -> None:
+        """Kill node ``i``: its links drop and its pending work is lost."""
+        node = self.nodes[i]
+        for link in [link for link in self.links if i in link]:
+            (other,) = link - {i}
+            self.disconnect(i, other)
+        node.alive = False
+        node.epoch += 1
+
+    def silence(self, i: int) -> None:
+        """Node ``i`` stops doing anything but keeps its links up (a hung process)."""
+        self.nodes[i].alive = False
+        self.nodes[i].epoch += 1
+
+    # -- the driver -------------------------------------------------------------------
+
+    def _deliver(self, src: SimNode, dst: SimNode, frame: bytes) -> None:
+        if frozenset((src.index, dst.index)) not in self.links:
+            return
+        epoch = dst.epoch
+
+        def arrive() -> None:
+            if not dst.alive or dst.epoch != epoch:
+                return
+            if frozenset((src.index, dst.index)) not in self.links:
+                return
+            try:
+                dst.core.handle(src.key, frame, self.now)
+            except ProtocolError as exc:
+                dst.rejected.append(exc.reason)
+            self._drain(dst)
+
+        self.at(self.rng.uniform(*self.latency), arrive)
+
+    def _linked(self, node: SimNode) -> list[SimNode]:
+        return [self.nodes[j] for link in self.links if node.index in link
+                for j in link if j != node.index]
+
+    def _drain(self, node: SimNode) -> None:
+        machine = node.core.machine
+        for action in machine.take_actions():
+            self._execute(node, action)
+        deadline = machine.next_deadline()
+        if deadline is not None:
+            epoch = node.epoch
+
+            def fire() -> None:
+                if node.alive and node.epoch == epoch:
+                    machine.tick(self.now)
+                    self._drain(node)
+
+            self.at(max(0.0, deadline - self.now), fire)
+
+    def _execute(self, node: SimNode, action: object) -> None:
+        machine = node.core.machine
+        epoch = node.epoch
+        if isinstance(action, StartTraining):
+            base = node.weights
+
+            def trained(r: int = action.round) -> None:
+                if node.alive and node.epoch == epoch:
+                    w = node.learner.train(base)
+                    machine.training_done(r, to_tensors(w), node.learner.num_examples,
+                                          0.0, 1.0, self.now)
+                    self._drain(node)
+
+            self.at(self.rng.uniform(*self.train_time), trained)
+        elif isinstance(action, SendUpdate):
+            frame = bytes(node.core.frame(action.update))
+            self._deliver(node, self.by_key[action.to], frame)
+        elif isinstance(action, Aggregate):
+            ups = [(from_tensors(u.weights), u.num_examples) for u in action.updates.values()]
+            merged = node.learner.aggregate(ups)
+            n = sum(c for _, c in ups)
+
+            def aggregated(r: int = action.round, a: int = action.attempt) -> None:
+                if node.alive and node.epoch == epoch:
+                    machine.aggregation_done(r, a, to_tensors(merged), action.updates, n,
+                                             self.now)
+                    self._drain(node)
+
+            self.at(0.01, aggregated)
+        elif isinstance(action, PublishModel):
+            frame = node.core.publish(action.model)
+            node.aggregated[action.model.round] = action.model.digest
+            for peer in self._linked(node):
+                self._deliver(node, peer, frame)
+        elif isinstance(action, Commit):
+            node.weights = {k: np.array(v) for k, v in from_tensors(action.model.weights).items()}
+            assert action.model.round not in node.commits, "two models applied for one round"
+            node.commits[action.model.round] = action.model.digest
+        elif isinstance(action, Note):
+            node.notes.append((self.now, action.kind, action.detail))
+
+    # -- views ------------------------------------------------------------------------
+
+    def alive(self) -> list[SimNode]:
+        """Nodes that have not crashed."""
+        return [n for n in self.nodes if n.alive]
+
+    def all_done(self, rounds: int) -> bool:
+        """True when every live node has committed ``rounds`` rounds."""
+        return all(n.core.machine.completed >= rounds for n in self.alive())

@@ -1,0 +1,272 @@
+"""Peer links over aiohttp WebSockets: handshake, one link per peer, send queues, dialing.
+
+Every link is a WebSocket on ``/fl/v1/link`` carrying binary frames (signed envelopes).
+The handshake is three hellos: the dialer's (with its challenge), the acceptor's (echoing
+it, with its own challenge), and the dialer's answer (echoing that). Each side thereby
+proves it holds its key now. Bad frames are caught here, in one place: logged with their
+reason, counted against the peer, and the link keeps going (a peer that keeps sending
+garbage is cut off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from protocol.envelope import Envelope
+from protocol.errors import ProtocolError
+from protocol.identity import node_id_from_key
+from protocol.messages import Hello
+
+from .core import NodeCore
+
+log = logging.getLogger(__name__)
+
+LINK_PATH = "/fl/v1/link"
+HANDSHAKE_TIMEOUT = 10.0
+#: Frames at least this large are decoded on a worker thread.
+THREAD_DECODE_MIN = 1 << 20
+#: A link is cut after this many rejected frames.
+MAX_REJECTS_PER_LINK = 50
+
+
+@dataclass(eq=False)
+class Link:
+    """One authenticated WebSocket to a peer."""
+
+    key: bytes
+    dialer: bytes
+    address: str
+    ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+    outbox: asyncio.Queue[bytes | bytearray] = field(default_factory=lambda: asyncio.Queue(256))
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    rejects: int = 0
+
+    @property
+    def node_id(self) -> str:
+        return node_id_from_key(self.key)
+
+
+FrameHandler = Callable[[Link, Envelope, bytes], Awaitable[None]]
+
+
+class PeerTransport:
+    """Accepts and dials peer links and moves frames between them and the node."""
+
+    def __init__(
+        self,
+        core: NodeCore,
+        *,
+        on_frame: FrameHandler,
+        on_link_up: Callable[[Link, Hello], None],
+        on_link_down: Callable[[Link], None],
+    ) -> None:
+        self.core = core
+        self.on_frame = on_frame
+        self.on_link_up = on_link_up
+        self.on_link_down = on_link_down
+        self.links: dict[bytes, Link] = {}
+        self.address_keys: dict[str, bytes] = {}
+        self._changed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self.port = 0
+
+    # -- server -----------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        """The aiohttp application serving ``/fl/v1/link``."""
+        app = web.Application(client_max_size=1024)
+        app.router.add_get(LINK_PATH, self._accept)
+        return app
+
+    async def _accept(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(max_msg_size=self.core.max_message_size, heartbeat=20,
+                                   compress=False)
+        await ws.prepare(request)
+        peer_ip = request.remote or "?"
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                first = await self._receive_frame(ws)
+                env, hello = self.core.accept_hello(first, None)
+                our_nonce = self.core.new_nonce()
+                await ws.send_bytes(self.core.hello(our_nonce, echo=hello.nonce))
+                third = await self._receive_frame(ws)
+                env3, hello3 = self.core.accept_hello(third, our_nonce)
+                if env3.sender != env.sender:
+                    raise ProtocolError("handshake answered by another key")
+        except (ProtocolError, TimeoutError, ConnectionError, aiohttp.ClientError) as exc:
+            reason = exc.reason if isinstance(exc, ProtocolError) else type(exc).__name__
+            log.warning("refused link from %s: %s", peer_ip, reason)
+            self.core.reject(None, reason)
+            await ws.close()
+            return ws
+        address = f"{peer_ip}:{hello3.port}"
+        link = Link(key=env.sender, dialer=env.sender, address=address, ws=ws)
+        await self._run_link(link, hello3)
+        return ws
+
+    # -- client -----------------------------------------------------------------------
+
+    async def dial(self, address: str) -> None:
+        """Keep a link to ``address`` (HOST:PORT) up for as long as the node runs."""
+        delay = 0.2
+        while True:
+            key = self.address_keys.get(address)
+            if key is not None and key in self.links:
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            try:
+                await self._dial_once(address)
+                delay = 0.2
+            except (OSError, TimeoutError, aiohttp.ClientError, ProtocolError) as exc:
+                reason = exc.reason if isinstance(exc, ProtocolError) else str(exc) or type(exc).__name__
+                log.debug("dial %s failed: %s", address, reason)
+                if isinstance(exc, ProtocolError):
+                    log.warning("handshake with %s failed: %s", address, reason)
+                    self.core.reject(None, reason)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _dial_once(self, address: str) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+            ws = await self._session.ws_connect(
+                f"http://{address}{LINK_PATH}", max_msg_size=self.core.max_message_size,
+                heartbeat=20, compress=0, autoping=True,
+            )
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                our_nonce = self.core.new_nonce()
+                await ws.send_bytes(self.core.hello(our_nonce))
+                reply = await self._receive_frame(ws)
+                env, hello = self.core.accept_hello(reply, our_nonce)
+                await ws.send_bytes(self.core.hello(self.core.new_nonce(), echo=hello.nonce))
+        except BaseException:
+            await ws.close()
+            raise
+        self.address_keys[address] = env.sender
+        link = Link(key=env.sender, dialer=self.core.key, address=address, ws=ws)
+        await self._run_link(link, hello)
+
+    @staticmethod
+    async def _receive_frame(ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> bytes:
+        msg = await ws.receive()
+        if msg.type == WSMsgType.BINARY:
+            return msg.data
+        if msg.type == WSMsgType.TEXT:
+            raise ProtocolError("text frame on a peer link")
+        if msg.type == WSMsgType.ERROR:
+            raise ProtocolError(f"websocket error ({msg.data})")
+        raise ConnectionError("link closed during handshake")
+
+    # -- links ------------------------------------------------------------------------
+
+    def _prefer(self, new: Link, old: Link) -> bool:
+        """Which of two links to one peer survives; both ends decide alike."""
+        if new.dialer == old.dialer:
+            return True  # a re-dial: the old link is stale
+        return new.dialer < old.dialer
+
+    async def _run_link(self, link: Link, hello: Hello) -> None:
+        old = self.links.get(link.key)
+        if old is not None:
+            if not self._prefer(link, old):
+                log.debug("duplicate link to %s dropped", link.node_id)
+                await link.ws.close()
+                return
+            self.links[link.key] = link
+            old.closed.set()
+            await old.ws.close()
+        else:
+            self.links[link.key] = link
+            self.on_link_up(link, hello)
+        self._changed.set()
+        log.info("link up: %s (%s) at %s", hello.name, link.node_id, link.address)
+        writer = asyncio.create_task(self._writer(link))
+        try:
+            await self._reader(link)
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            if not link.ws.closed:
+                await link.ws.close()
+            if self.links.get(link.key) is link:
+                del self.links[link.key]
+                log.info("link down: %s", link.node_id)
+                self.on_link_down(link)
+            self._changed.set()
+
+    async def _reader(self, link: Link) -> None:
+        ws = link.ws
+        while not link.closed.is_set():
+            msg = await ws.receive()
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
+            if msg.type == WSMsgType.ERROR:
+                log.warning("link %s: %s", link.node_id, msg.data)
+                return
+            try:
+                if msg.type != WSMsgType.BINARY:
+                    raise ProtocolError(f"unexpected websocket frame type {msg.type.name}")
+                frame = msg.data
+                if len(frame) >= THREAD_DECODE_MIN:
+                    env = await asyncio.to_thread(self.core.decode, frame)
+                else:
+                    env = self.core.decode(frame)
+                await self.on_frame(link, env, frame)
+            except ProtocolError as exc:
+                link.rejects += 1
+                self.core.reject(link.key, exc.reason)
+                log.warning("rejected message from %s: %s", link.node_id, exc.reason)
+                if link.rejects >= MAX_REJECTS_PER_LINK:
+                    log.warning("cutting link to %s: too many bad messages", link.node_id)
+                    return
+
+    async def _writer(self, link: Link) -> None:
+        while True:
+            frame = await link.outbox.get()
+            await link.ws.send_bytes(frame)
+            self.core.counters.bytes_sent += len(frame)
+            self.core.counters.messages_sent += 1
+
+    def send(self, key: bytes, frame: bytes | bytearray) -> bool:
+        """Queue ``frame`` for ``key``; False if there is no link (or its queue is full)."""
+        link = self.links.get(key)
+        if link is None:
+            return False
+        try:
+            link.outbox.put_nowait(frame)
+        except asyncio.QueueFull:
+            log.warning("send queue to %s full: message dropped", link.node_id)
+            return False
+        return True
+
+    def broadcast(self, frame: bytes | bytearray) -> int:
+        """Queue ``frame`` for every linked peer; returns how many."""
+        return sum(self.send(key, frame) for key in list(self.links))
+
+    async def close(self) -> None:
+        """Close every link and the client session."""
+        for link in list(self.links.values()):
+            link.closed.set()
+            with contextlib.suppress(Exception):
+                await link.ws.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def now() -> float:
+    """The monotonic clock the node runs its round machine on."""
+    return time.monotonic()

@@ -1,0 +1,212 @@
+"""Message types and their bodies, as frozen dataclasses with strict decoders.
+
+Every body decoder takes the decoded msgpack map and either returns the dataclass or
+raises ProtocolError. Unknown fields are refused so that a field added in a later version
+comes with a version bump (see docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ProtocolError
+from .tensors import Tensor, weights_from_wire, weights_to_wire
+
+HASH_LEN = 32
+NONCE_LEN = 16
+KEY_LEN = 32
+
+
+def _fields(body: Any, kind: str, required: Mapping[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{kind}: body must be a map")
+    if set(body) != set(required):
+        missing = sorted(set(required) - set(body))
+        extra = sorted(str(k)[:32] for k in set(body) - set(required))
+        raise ProtocolError(f"{kind}: bad fields (missing {missing}, unknown {extra})")
+    for key, typ in required.items():
+        value = body[key]
+        # bool is an int subclass in Python; never accept it where an int is meant.
+        if isinstance(value, bool) and typ is not bool:
+            raise ProtocolError(f"{kind}.{key}: wrong type bool")
+        if not isinstance(value, typ):
+            raise ProtocolError(f"{kind}.{key}: wrong type {type(value).__name__}")
+    return body
+
+
+def _bin(kind: str, name: str, value: bytes, length: int) -> bytes:
+    if len(value) != length:
+        raise ProtocolError(f"{kind}.{name}: expected {length} bytes, got {len(value)}")
+    return value
+
+
+def _count(kind: str, name: str, value: int, limit: int = 2**53) -> int:
+    if not 0 <= value <= limit:
+        raise ProtocolError(f"{kind}.{name}: out of range")
+    return value
+
+
+def _finite(kind: str, name: str, value: float | int) -> float:
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ProtocolError(f"{kind}.{name}: not a finite number")
+    return value
+
+
+@dataclass(frozen=True)
+class Hello:
+    """First message on a link in each direction: who I am and proof of my key.
+
+    ``nonce`` is a fresh challenge for the other side; ``echo`` is the other side's
+    challenge (empty in the opener's first hello), so a signed Hello that echoes my nonce
+    proves the peer holds its key now.
+    """
+
+    TYPE = "hello"
+    name: str
+    nonce: bytes
+    echo: bytes
+    port: int
+    genesis: bytes
+    round: int
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "nonce": self.nonce, "echo": self.echo,
+            "port": self.port, "genesis": self.genesis, "round": self.round,
+        }
+
+    @classmethod
+    def from_body(cls, body: Any) -> Hello:
+        b = _fields(body, "hello", {"name": str, "nonce": bytes, "echo": bytes,
+                                    "port": int, "genesis": bytes, "round": int})
+        if not 0 < len(b["name"]) <= 64:
+            raise ProtocolError("hello.name: 1 to 64 characters")
+        if len(b["echo"]) not in (0, NONCE_LEN):
+            raise ProtocolError("hello.echo: bad length")
+        return cls(
+            name=b["name"],
+            nonce=_bin("hello", "nonce", b["nonce"], NONCE_LEN),
+            echo=b["echo"],
+            port=_count("hello", "port", b["port"], 65535),
+            genesis=_bin("hello", "genesis", b["genesis"], HASH_LEN),
+            round=_count("hello", "round", b["round"]),
+        )
+
+
+@dataclass(frozen=True)
+class Update:
+    """A member's locally trained model for ``round``, sent to that round's aggregator."""
+
+    TYPE = "update"
+    round: int
+    attempt: int
+    base: bytes
+    num_examples: int
+    loss: float
+    train_seconds: float
+    weights: list[Tensor] = field(repr=False)
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "round": self.round, "attempt": self.attempt, "base": self.base,
+            "n": self.num_examples, "loss": self.loss, "secs": self.train_seconds,
+            "weights": weights_to_wire(self.weights),
+        }
+
+    @classmethod
+    def from_body(cls, body: Any) -> Update:
+        b = _fields(body, "update", {"round": int, "attempt": int, "base": bytes, "n": int,
+                                     "loss": (float, int), "secs": (float, int), "weights": list})
+        if b["round"] < 1:
+            raise ProtocolError("update.round: must be >= 1")
+        return cls(
+            round=_count("update", "round", b["round"]),
+            attempt=_count("update", "attempt", b["attempt"]),
+            base=_bin("update", "base", b["base"], HASH_LEN),
+            num_examples=_count("update", "n", b["n"]),
+            loss=_finite("update", "loss", b["loss"]),
+            train_seconds=_finite("update", "secs", b["secs"]),
+            weights=weights_from_wire(b["weights"]),
+        )
+
+
+@dataclass(frozen=True)
+class Model:
+    """The global model of ``round``, published by that round's aggregator."""
+
+    TYPE = "model"
+    round: int
+    attempt: int
+    aggregator: bytes
+    contributors: tuple[bytes, ...]
+    num_examples: int
+    digest: bytes
+    weights: list[Tensor] = field(repr=False)
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "round": self.round, "attempt": self.attempt, "aggregator": self.aggregator,
+            "contributors": list(self.contributors), "n": self.num_examples,
+            "digest": self.digest, "weights": weights_to_wire(self.weights),
+        }
+
+    @classmethod
+    def from_body(cls, body: Any) -> Model:
+        b = _fields(body, "model", {"round": int, "attempt": int, "aggregator": bytes,
+                                    "contributors": list, "n": int, "digest": bytes,
+                                    "weights": list})
+        if b["round"] < 1:
+            raise ProtocolError("model.round: must be >= 1")
+        contributors = b["contributors"]
+        if len(contributors) > 100_000 or not all(
+            isinstance(c, bytes) and len(c) == KEY_LEN for c in contributors
+        ):
+            raise ProtocolError("model.contributors: expected a list of 32-byte keys")
+        return cls(
+            round=_count("model", "round", b["round"]),
+            attempt=_count("model", "attempt", b["attempt"]),
+            aggregator=_bin("model", "aggregator", b["aggregator"], KEY_LEN),
+            contributors=tuple(contributors),
+            num_examples=_count("model", "n", b["n"]),
+            digest=_bin("model", "digest", b["digest"], HASH_LEN),
+            weights=weights_from_wire(b["weights"]),
+        )
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Liveness and progress on a link; ``echo_ts`` lets the sender of a ping measure RTT."""
+
+    TYPE = "heartbeat"
+    round: int
+    state: str
+    ping_ts: int
+    echo_ts: int
+
+    def to_body(self) -> dict[str, Any]:
+        return {"round": self.round, "state": self.state, "ping_ts": self.ping_ts,
+                "echo_ts": self.echo_ts}
+
+    @classmethod
+    def from_body(cls, body: Any) -> Heartbeat:
+        b = _fields(body, "heartbeat", {"round": int, "state": str, "ping_ts": int,
+                                        "echo_ts": int})
+        if len(b["state"]) > 32:
+            raise ProtocolError("heartbeat.state: too long")
+        return cls(_count("heartbeat", "round", b["round"]), b["state"],
+                   _count("heartbeat", "ping_ts", b["ping_ts"], 2**63),
+                   _count("heartbeat", "echo_ts", b["echo_ts"], 2**63))
+
+
+Message = Hello | Update | Model | Heartbeat
+
+#: type name -> body decoder. A type not in here is refused.
+DECODERS: Mapping[str, Callable[[Any], Message]] = {
+    Hello.TYPE: Hello.from_body,
+    Update.TYPE: Update.from_body,
+    Model.TYPE: Model.from_body,
+    Heartbeat.TYPE: Heartbeat.from_body,
+}

@@ -1,0 +1,66 @@
+"""Real Node daemons over real sockets on 127.0.0.1, in one event loop, with a fake learner."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import replace
+
+import aiohttp
+
+from node.config import NodeConfig
+from node.daemon import Node
+
+from .fakes import FakeLearner
+
+
+async def _wait(pred, timeout: float = 30.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not pred():
+            await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running(nodes: list[Node]):
+    tasks = [asyncio.create_task(n.run()) for n in nodes]
+    try:
+        await _wait(lambda: all(n.web_port for n in nodes))
+        yield tasks
+    finally:
+        for n in nodes:
+            n.request_shutdown()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def make_nodes(tmp_path, count: int, rounds: int = 4, **extra) -> list[Node]:
+    return [
+        Node(NodeConfig(name=f"n{i}", state_dir=str(tmp_path / f"n{i}"), host="127.0.0.1",
+                        port=0, web_port=0, rounds=rounds, min_peers=count - 1,
+                        heartbeat_interval=0.2, **extra),
+             FakeLearner(i))
+        for i in range(count)
+    ]
+
+
+async def test_three_nodes_train_to_the_same_model(tmp_path, no_leaked_tasks):
+    nodes = make_nodes(tmp_path, 3)
+    first = nodes[0]
+    async with running(nodes[:1]) as _:
+        # nodes 1 and 2 dial node 0 and each other once node 0's port is known
+        nodes[1].config = replace(nodes[1].config, peers=(f"127.0.0.1:{first.peer_port}",))
+        async with running(nodes[1:2]):
+            nodes[2].config = replace(nodes[2].config, peers=(
+                f"127.0.0.1:{first.peer_port}", f"127.0.0.1:{nodes[1].peer_port}"))
+            async with running(nodes[2:]):
+                await _wait(lambda: all(n.state == "done" and n.accuracy is not None
+                                        for n in nodes))
+                async with aiohttp.ClientSession() as s:
+                    async with s.get(f"http://127.0.0.1:{first.web_port}/api/status") as r:
+                        status = await r.json()
+    assert len({n.model_hash() for n in nodes}) == 1
+    assert status["round"] == 4 and status["state"] == "done"
+    assert status["model_hash"] == nodes[1].model_hash()
+    assert {p["node_id"] for p in status["peers"]} == {nodes[1].node_id, nodes[2].node_id}
+    # every node took part in every round
+    assert all(n.learner.trained_rounds == [1, 2, 3, 4] for n in nodes)
+    assert all(r.contributors == 3 for r in first.history)
