@@ -64,9 +64,12 @@ class RoundRecord:
     num_examples: int
     model_hash: str
     started_at: float
-    finished_at: float
+    committed_at: float
+    evaluated_at: float
     train_seconds: float
     round_seconds: float
+    update_bytes: int
+    model_bytes: int
 
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -108,6 +111,9 @@ class Node:
         self.started_at = time.time()
         self._round_started = time.time()
         self._round_train_seconds = 0.0
+        self._committed_at = time.time()
+        self._update_bytes = 0
+        self._model_bytes = 0
         self._jobs: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._timer_changed = asyncio.Event()
         self._stop_training = threading.Event()
@@ -158,6 +164,8 @@ class Node:
             "attempt": m.attempt,
             "peers": peers,
             "model_hash": self.model_hash(),
+            "genesis_hash": m.genesis_digest.hex(),
+            "model_raw_bytes": int(sum(v.nbytes for v in self.weights.values())),
             "accuracy": self.accuracy,
             "loss": self.loss,
             "peer_port": self.peer_port,
@@ -253,6 +261,7 @@ class Node:
         # Copy: the wire buffers are read-only views into the received frame.
         self.weights = {k: np.array(v) for k, v in from_tensors(model.weights).items()}
         self._stop_training.set()  # a model for the round we train means our work is moot
+        self._committed_at = time.time()
         self._jobs.put_nowait(("evaluate", action))
 
     async def _worker(self) -> None:
@@ -283,6 +292,7 @@ class Node:
                                        float(result.seconds), now())
         elif kind == "send_update":
             frame = await self._encode(self.core.frame, action.update)
+            self._update_bytes = len(frame)
             if not self.transport.send(action.to, frame):
                 log.warning("no link to aggregator %s", node_id_from_key(action.to))
         elif kind == "aggregate":
@@ -294,6 +304,7 @@ class Node:
                                           sum(n for _, n in updates), now())
         elif kind == "publish":
             frame = await self._encode(self.core.publish, action.model)
+            self._model_bytes = len(frame)
             sent = self.transport.broadcast(frame)
             log.info("round %d: published the global model to %d peers", action.model.round,
                      sent)
@@ -316,10 +327,12 @@ class Node:
             round=model.round, accuracy=self.accuracy, loss=self.loss,
             aggregator=node_id_from_key(model.aggregator), contributors=len(model.contributors),
             num_examples=model.num_examples, model_hash=model.digest.hex(),
-            started_at=self._round_started, finished_at=finished,
-            train_seconds=self._round_train_seconds,
-            round_seconds=finished - self._round_started,
+            started_at=self._round_started, committed_at=self._committed_at,
+            evaluated_at=finished, train_seconds=self._round_train_seconds,
+            round_seconds=self._committed_at - self._round_started,
+            update_bytes=self._update_bytes, model_bytes=self._model_bytes,
         )
+        self._update_bytes = self._model_bytes = 0
         self.history.append(record)
         log.info("round %d/%d committed: accuracy %.4f loss %.4f aggregator %s model %s",
                  model.round, self.machine.rounds_total, self.accuracy, self.loss,

@@ -88,7 +88,9 @@ class PeerTransport:
         return app
 
     async def _accept(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(max_msg_size=self.core.max_message_size, heartbeat=20,
+        # The websocket limit sits a little above our own cap so that our decoder, not
+        # aiohttp, reports most oversize frames (with a reason in the log).
+        ws = web.WebSocketResponse(max_msg_size=self.core.max_message_size + 4096, heartbeat=20,
                                    compress=False)
         await ws.prepare(request)
         peer_ip = request.remote or "?"
@@ -141,7 +143,7 @@ class PeerTransport:
             self._session = aiohttp.ClientSession()
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
             ws = await self._session.ws_connect(
-                f"http://{address}{LINK_PATH}", max_msg_size=self.core.max_message_size,
+                f"http://{address}{LINK_PATH}", max_msg_size=self.core.max_message_size + 4096,
                 heartbeat=20, compress=0, autoping=True,
             )
         try:

@@ -178,6 +178,10 @@ def _unpack(data: bytes | memoryview, limit: int) -> Any:
         )
     except ProtocolError:
         raise
+    except ValueError as exc:
+        if "max_ext_len" in str(exc):  # max_ext_len=0 refuses every extension, -1 included
+            raise ProtocolError("msgpack extension types are not allowed") from None
+        raise ProtocolError(f"malformed msgpack (ValueError: {str(exc)[:80]})") from None
     except Exception as exc:  # msgpack raises many types; all mean "malformed"
         raise ProtocolError(f"malformed msgpack ({type(exc).__name__}: {str(exc)[:80]})") from None
 

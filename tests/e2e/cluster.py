@@ -1,0 +1,111 @@
+"""Real `fl-node start` processes on 127.0.0.1 for end-to-end tests, always cleaned up."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.demo import get_json, stop_processes, wait_endpoint
+from protocol.identity import Identity
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def fixed_identity(state_dir: Path, label: str) -> Identity:
+    """Give a node a deterministic key (written before it starts) so tests are repeatable."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    seed = hashlib.sha256(f"fl-node-test/{label}".encode()).digest()
+    key = state_dir / "node.key"
+    key.write_bytes(seed)
+    key.chmod(0o600)
+    return Identity.from_seed(seed)
+
+
+@dataclass
+class NodeProc:
+    """One running node process."""
+
+    name: str
+    state_dir: Path
+    proc: subprocess.Popen[bytes]
+    endpoint: dict[str, Any]
+    identity: Identity
+
+    @property
+    def peer_address(self) -> str:
+        return f"127.0.0.1:{self.endpoint['peer_port']}"
+
+    @property
+    def web_port(self) -> int:
+        return int(self.endpoint["web_port"])
+
+    @property
+    def log(self) -> str:
+        path = self.state_dir / "node.log"
+        return path.read_text() if path.exists() else ""
+
+    def status(self) -> dict[str, Any]:
+        return get_json(self.web_port, "/api/status")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return get_json(self.web_port, "/api/metrics")["rounds"]
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+@dataclass
+class Cluster:
+    """Starts nodes and stops every one of them at the end (use as a context manager)."""
+
+    base: Path
+    nodes: list[NodeProc] = field(default_factory=list)
+
+    def start(self, name: str, *args: str, peers: list[NodeProc] = ()) -> NodeProc:
+        sd = self.base / name
+        ident = fixed_identity(sd, name)
+        cmd = [sys.executable, "-m", "node.cli", "start", "--name", name, "--state-dir", str(sd),
+               "--host", "127.0.0.1", "--port", "0", "--web-port", "0",
+               "--log-file", str(sd / "node.log"), *args]
+        for p in peers:
+            cmd += ["--peer", p.peer_address]
+        proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            endpoint = wait_endpoint(sd, proc)
+        except Exception:
+            stop_processes([proc])
+            raise RuntimeError(f"{name} did not start: {proc.stderr.read().decode()[-2000:]}")
+        node = NodeProc(name, sd, proc, endpoint, ident)
+        self.nodes.append(node)
+        return node
+
+    def wait(self, pred, timeout: float = 120.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        last_exc: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                if pred():
+                    return
+            except OSError as exc:  # a node not answering yet
+                last_exc = exc
+            time.sleep(0.1)
+        logs = "\n".join(f"--- {n.name}\n{n.log[-3000:]}" for n in self.nodes)
+        raise AssertionError(f"timed out waiting for {what} ({last_exc})\n{logs}")
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop_processes([n.proc for n in self.nodes])
+        for n in self.nodes:
+            if n.proc.stderr:
+                n.proc.stderr.close()

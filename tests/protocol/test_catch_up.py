@@ -1,0 +1,103 @@
+"""Catch-up through NodeCore (sans-IO): a lagging node applies a re-served model frame.
+
+The daemon re-serves ``NodeCore.latest_model_frame`` (the aggregator's original signed
+frame) to a peer whose hello shows a lower round. These tests feed that frame through the
+same NodeCore path the daemon uses, without sockets.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from node.core import NodeCore
+from node.state import SequenceCounter
+from protocol.errors import ProtocolError
+from protocol.messages import Model
+from protocol.rounds import Commit, RoundMachine, RoundTimeouts
+from protocol.tensors import weights_digest
+
+from .wire import FED, TS, genesis, identity, weights
+
+
+def core(n: int) -> NodeCore:
+    ident = identity(n)
+    machine = RoundMachine(self_key=ident.public_key, federation=FED, rounds_total=5,
+                           genesis=genesis(), timeouts=RoundTimeouts())
+    return NodeCore(identity=ident, name=f"n{n}", federation=FED, port=7700 + n,
+                    machine=machine, seq=SequenceCounter(None), wall_ms=lambda: TS)
+
+
+def handshake(a: NodeCore, b: NodeCore) -> None:
+    """The three hellos of node.transport, without the socket."""
+    na, nb = a.new_nonce(), b.new_nonce()
+    env1, h1 = b.accept_hello(bytes(a.hello(na)), None)
+    env2, h2 = a.accept_hello(bytes(b.hello(nb, echo=h1.nonce)), na)
+    env3, h3 = b.accept_hello(bytes(a.hello(a.new_nonce(), echo=h2.nonce)), nb)
+    assert env3.sender == env1.sender
+    a.peer_joined(b.key, h2, "b", 0.0)
+    b.peer_joined(a.key, h3, "a", 0.0)
+
+
+def publish_round_one(aggregator: NodeCore) -> bytes:
+    w = weights(0.5)
+    model = Model(round=1, attempt=0, aggregator=aggregator.key, contributors=(aggregator.key,),
+                  num_examples=10, digest=weights_digest(w), weights=w)
+    return aggregator.publish(model)
+
+
+def test_a_hello_that_does_not_echo_the_challenge_is_refused():
+    a, b = core(1), core(2)
+    na = a.new_nonce()
+    b.accept_hello(bytes(a.hello(na)), None)
+    with pytest.raises(ProtocolError, match="challenge"):
+        a.accept_hello(bytes(b.hello(b.new_nonce(), echo=bytes(16))), na)
+
+
+def test_a_hello_from_a_node_with_another_genesis_is_refused():
+    a, b = core(1), core(2)
+    b.machine.genesis_digest = b"\x01" * 32
+    with pytest.raises(ProtocolError, match="genesis"):
+        a.accept_hello(bytes(b.hello(b.new_nonce())), None)
+
+
+def test_a_lagging_node_applies_the_model_frame_re_served_by_its_aggregator():
+    a, lag = core(1), core(3)
+    handshake(a, lag)
+    frame = publish_round_one(a)
+    lag.dispatch(a.key, lag.decode(frame), frame, 1.0)
+    assert lag.machine.completed == 1
+    assert [x.model.round for x in lag.machine.take_actions() if isinstance(x, Commit)] == [1]
+    assert lag.latest_model_frame == frame  # and it re-serves the same signed frame in turn
+
+
+def test_a_re_served_model_frame_is_applied_once_even_when_relayed_twice():
+    a, b, lag = core(1), core(2), core(3)
+    handshake(a, b)
+    handshake(a, lag)
+    handshake(b, lag)
+    frame = publish_round_one(a)
+    for link in (a.key, b.key, b.key):
+        lag.dispatch(link, lag.decode(frame), frame, 1.0)  # no replay error for models
+    commits = [x for x in lag.machine.take_actions() if isinstance(x, Commit)]
+    assert len(commits) == 1
+
+
+@pytest.mark.xfail(strict=True, raises=ProtocolError, reason=(
+    "BUG node/core.py NodeCore.dispatch: 'if env.sender not in self.known: raise "
+    "ProtocolError(... is not a member)' is applied to re-served Model frames too. A Model "
+    "frame keeps its aggregator's signature, so a lagging node that never linked to that "
+    "aggregator (it left, or is unreachable) refuses the catch-up frame its peer re-serves, "
+    "and stays behind until a node it knows publishes a newer model (never, once the run is "
+    "done). Fix: for Model messages check that link_key (the authenticated link) is a member "
+    "and let the model's signer be any key this node trusts, not only a linked one."))
+def test_a_lagging_node_catches_up_from_a_peer_when_the_aggregator_is_gone():
+    a, b, lag = core(1), core(2), core(3)
+    handshake(a, b)
+    frame = publish_round_one(a)
+    b.dispatch(a.key, b.decode(frame), frame, 1.0)
+    assert b.machine.completed == 1 and b.latest_model_frame == frame
+    # a leaves; lag joins and links only to b, whose hello shows round 1 > 0
+    handshake(b, lag)
+    served = b.latest_model_frame
+    lag.dispatch(b.key, lag.decode(served), served, 2.0)
+    assert lag.machine.completed == 1
