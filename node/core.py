@@ -179,14 +179,18 @@ class NodeCore:
         self.counters.messages_received += 1
         self.check_fresh(env)
         msg = env.message
-        if env.sender not in self.known:
-            raise ProtocolError(f"sender {node_id_from_key(env.sender)} is not a member")
+        if link_key not in self.known:
+            raise ProtocolError("message on a link without a handshake")
         if not isinstance(msg, Model) and env.sender != link_key:
             raise ProtocolError("direct message signed by another key than the link's")
-        stats = self.known[env.sender]
-        stats.last_seen = now
-        stats.messages += 1
+        # A model keeps its aggregator's signature when a member re-serves it (catch-up),
+        # so its signer need not be linked to us, or even still be alive.
+        stats = self.known.get(env.sender)
+        if stats is not None:
+            stats.last_seen = now
+            stats.messages += 1
         if isinstance(msg, Heartbeat):
+            assert stats is not None
             stats.rounds, stats.state = msg.round, msg.state
             if msg.echo_ts:
                 stats.rtt_ms = max(0.0, float(self.wall_ms() - msg.echo_ts))

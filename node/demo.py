@@ -115,12 +115,14 @@ def run_demo(args: argparse.Namespace) -> int:
                 print("fl-node demo: a node exited early; see its node.log", file=sys.stderr)
                 return 1
             done = min((s["round"] for s in statuses), default=0)
-            while seen < done:
-                seen += 1
-                accs = [s for s in statuses if s["round"] >= seen]
-                print(f"  round {seen}/{rounds} done"
-                      + (f", accuracy {accs[0]['accuracy']:.3f}" if accs[0]["accuracy"] else ""),
-                      flush=True)
+            if seen < done:
+                with contextlib.suppress(OSError, ValueError):
+                    records = get_json(endpoints[0]["web_port"], "/api/metrics")["rounds"]
+                    for rec in records[seen:done]:
+                        print(f"  round {rec['round']}/{rounds} done: accuracy"
+                              f" {rec['accuracy']:.3f}, aggregator {rec['aggregator']}",
+                              flush=True)
+                    seen = max(seen, min(done, len(records)))
             if done >= rounds and all(s["accuracy"] is not None for s in statuses):
                 break
             time.sleep(0.25)

@@ -191,7 +191,8 @@ class PeerTransport:
             await old.ws.close()
         else:
             self.links[link.key] = link
-            self.on_link_up(link, hello)
+        # Also on a replacement link: the peer may have restarted behind us (catch-up).
+        self.on_link_up(link, hello)
         self._changed.set()
         log.info("link up: %s (%s) at %s", hello.name, link.node_id, link.address)
         writer = asyncio.create_task(self._writer(link))

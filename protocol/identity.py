@@ -86,6 +86,8 @@ class Identity:
         """Load ``state_dir/node.key`` or create it (mode 0600) on first start."""
         path = Path(state_dir) / KEY_FILE
         if path.exists():
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, 0o600)  # a private key readable by others: tighten it
             seed = path.read_bytes()
             if len(seed) != 32:
                 raise ValueError(f"{path}: corrupt key file ({len(seed)} bytes, expected 32)")
@@ -100,6 +102,11 @@ class Identity:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
         return ident
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .election import ranking
 from .errors import ProtocolError
@@ -227,7 +227,8 @@ class RoundMachine:
     def peer_up(self, key: bytes, now: float, *, round: int = 0, state: str = "unknown") -> None:
         """A member's link is up (after its handshake)."""
         self.peers[key] = _PeerView(round=round, state=state)
-        if self.phase is Phase.WAITING_START and len(self.peers) >= self.min_peers:
+        if (self._started and self.phase is Phase.WAITING_START
+                and len(self.peers) >= self.min_peers):
             self._begin_round(now)
 
     def peer_status(self, key: bytes, now: float, *, round: int, state: str) -> None:
@@ -266,6 +267,9 @@ class RoundMachine:
         """A global model. Raises ProtocolError if it cannot be valid."""
         if model.aggregator != sender:
             raise ProtocolError("model: signer is not its aggregator")
+        if model.round > self.rounds_total:
+            raise ProtocolError(f"model: round {model.round} is beyond the run's"
+                                f" {self.rounds_total} rounds")
         self._check_spec(model.weights, "model")
         if model.round <= self.completed:
             if model.round == self.completed and model.digest != self.model_digest:
@@ -341,6 +345,11 @@ class RoundMachine:
         self.my_update = None
         for r in [r for r in self.updates if r < self.current]:
             del self.updates[r]
+        # Updates that arrived early were stored before we knew this round's base model.
+        early = self.updates.get(self.current, {})
+        for sender in [k for k, u in early.items() if u.base != self.model_digest]:
+            del early[sender]
+            self._note("update_ignored", "trained from another base model")
         self.outbox.append(StartTraining(self.current, self.model_digest))
 
     def _route_update(self, now: float) -> None:
@@ -358,6 +367,8 @@ class RoundMachine:
         else:
             self.phase = Phase.WAITING_MODEL
             self.deadline = now + self.timeouts.model
+            if self.my_update.attempt != self.attempt:
+                self.my_update = replace(self.my_update, attempt=self.attempt)
             self.outbox.append(SendUpdate(agg, self.my_update))
 
     def _aggregator_failed(self, now: float, why: str) -> None:
@@ -371,7 +382,8 @@ class RoundMachine:
         if self.phase is not Phase.COLLECTING:
             return
         have = set(self.updates.get(self.current, {}))
-        if self.participants() <= have:
+        # An aggregator that failed this round is silent: do not wait for its update.
+        if self.participants() - self.excluded <= have:
             self._aggregate(now, reason="all updates in")
 
     def _aggregate(self, now: float, reason: str) -> None:

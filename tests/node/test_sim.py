@@ -66,10 +66,12 @@ def test_aggregator_crash_mid_round_survivors_elect_another(seed):
     sim = Simulation(5, rounds=6, seed=seed)
     sim.start()
     sim.run(10_000, stop=lambda: sim.all_done(2))
-    # wait until round 3 has an aggregator collecting, then kill it
-    sim.run(10_000, stop=lambda: any(n.core.machine.phase is Phase.COLLECTING
-                                     and n.core.machine.current == 3 for n in sim.nodes))
-    victim = next(n for n in sim.nodes if n.core.machine.phase is Phase.COLLECTING)
+    # kill round 3's aggregator at a seeded moment of the round: while it trains, while it
+    # collects updates, or just as the last update reaches it
+    victim = sim.by_key[sim.nodes[0].core.machine.elect()]
+    sim.run(sim.now + sim.rng.uniform(0.0, 3.0),
+            stop=lambda: victim.core.machine.phase is Phase.AGGREGATING)
+    assert victim.core.machine.current == 3
     sim.crash(victim.index)
     sim.run(10_000, stop=lambda: sim.all_done(6))
     assert sim.all_done(6)

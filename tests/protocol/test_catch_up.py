@@ -82,14 +82,6 @@ def test_a_re_served_model_frame_is_applied_once_even_when_relayed_twice():
     assert len(commits) == 1
 
 
-@pytest.mark.xfail(strict=True, raises=ProtocolError, reason=(
-    "BUG node/core.py NodeCore.dispatch: 'if env.sender not in self.known: raise "
-    "ProtocolError(... is not a member)' is applied to re-served Model frames too. A Model "
-    "frame keeps its aggregator's signature, so a lagging node that never linked to that "
-    "aggregator (it left, or is unreachable) refuses the catch-up frame its peer re-serves, "
-    "and stays behind until a node it knows publishes a newer model (never, once the run is "
-    "done). Fix: for Model messages check that link_key (the authenticated link) is a member "
-    "and let the model's signer be any key this node trusts, not only a linked one."))
 def test_a_lagging_node_catches_up_from_a_peer_when_the_aggregator_is_gone():
     a, b, lag = core(1), core(2), core(3)
     handshake(a, b)

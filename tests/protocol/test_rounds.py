@@ -157,11 +157,6 @@ def test_a_node_that_completed_every_round_is_done_at_start():
     assert m.phase is Phase.DONE and "done" in notes(m.take_actions())
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG protocol/rounds.py RoundMachine.peer_up: a machine that was never start()ed (or "
-    "whose start() is pending) begins round 1 as soon as min_peers peers are up, because "
-    "peer_up calls _begin_round whenever phase is WAITING_START, and a fresh machine's "
-    "phase is WAITING_START. Fix: in peer_up, also require self._started (as _commit does)."))
 def test_peers_arriving_before_start_do_not_start_training():
     m = machine(KEYS[0], min_peers=1)
     m.peer_up(KEYS[1], 0.0)
@@ -284,6 +279,28 @@ def test_an_update_trained_from_another_base_is_ignored():
     assert "update_ignored" in notes(acts) and of(acts, Aggregate) == []
     assert member not in c.m[agg].updates.get(1, {})
     assert c.m[agg].phase is Phase.COLLECTING  # still waiting for a real one
+
+
+def test_an_early_update_trained_from_another_base_is_not_aggregated():
+    c = Cluster(3)
+    c.connect_all(0.0)
+    c.start_all(0.0)
+    agg2 = c.rank(2)[0]
+    stranger, third = [k for k in c.rank(2) if k != agg2]
+    # before round 1 ends, the stranger sends a round-2 update built on a model that is
+    # not the round-1 model everyone is about to commit
+    early = Update(round=2, attempt=0, base=b"\x99" * 32, num_examples=1000, loss=0.0,
+                   train_seconds=0.0, weights=weights(100.0))
+    c.m[agg2].on_update(stranger, early, 0.5)
+    for k in c.rank(1)[::-1]:
+        c.train(k, 1.0, 1.0)
+    c.finish_aggregation(c.rank(1)[0], 2.0)
+    assert all(c.m[k].completed == 1 for k in c.keys)
+    # round 2: the aggregator and the third node are done; the stranger is still training
+    c.train(agg2, 3.0, 3.0)
+    c.train(third, 3.0, 3.0)
+    assert stranger not in c.m[agg2].updates.get(2, {})
+    assert [a.round for a in c.actions(agg2, Aggregate)] in ([], [1])  # not round 2 yet
 
 
 @pytest.mark.parametrize("bad", [
@@ -409,7 +426,8 @@ def test_members_re_elect_and_re_send_when_the_aggregator_goes_down():
     c.pump(2.0)
     # the next in the ranking aggregates; the third re-sent the same update to it
     resent = c.actions(third, SendUpdate)[-1]
-    assert resent.to == second and resent.update == sent[0].update
+    # the same update, re-sent with the attempt it now belongs to
+    assert resent.to == second and resent.update == dc_replace(sent[0].update, attempt=1)
     assert "aggregator_failed" in [a.kind for a in c.actions(third, Note)]
     assert c.m[second].attempt == 1 and c.m[second].aggregator == second
     (aggregate,) = c.actions(second, Aggregate)
@@ -436,13 +454,11 @@ def test_members_re_elect_when_the_model_deadline_passes():
     assert [a.to for a in c.actions(third, SendUpdate)] == [first, second]
     assert c.m[third].excluded == {first}
     # the second reaches its own deadline and elects itself. The hung aggregator is still
-    # linked, so it still counts as a participant: the second waits for its collect
-    # deadline, then aggregates what it has.
+    # linked but excluded for this round, so the second does not wait for its update: with
+    # the third's re-sent update in, it aggregates at once.
     c.m[second].tick(21.0)
     c.pump(21.0)
-    assert c.m[second].phase is Phase.COLLECTING and c.m[second].next_deadline() == 31.0
-    c.m[second].tick(31.0)
-    c.pump(31.0)
+    assert c.m[second].phase is Phase.AGGREGATING
     assert set(c.actions(second, Aggregate)[0].updates) == {second, third}
 
 
@@ -459,9 +475,8 @@ def test_when_every_other_aggregator_fails_a_member_aggregates_itself():
     c.m[last].tick(40.0)
     c.pump(40.0)
     assert [a.to for a in c.actions(last, SendUpdate)] == ranked[:-1]
-    assert c.m[last].phase is Phase.COLLECTING and c.m[last].excluded == set(ranked[:-1])
-    c.m[last].tick(50.0)
-    c.pump(50.0)
+    # both others are excluded as silent: nobody is left to wait for
+    assert c.m[last].phase is Phase.AGGREGATING and c.m[last].excluded == set(ranked[:-1])
     assert set(c.actions(last, Aggregate)[0].updates) == {last}
 
 
