@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +117,12 @@ def _open_maybe_gz(path: Path) -> bytes:
     for candidate in (path, path.with_name(path.name + ".gz")):
         if candidate.exists():
             raw = candidate.read_bytes()
-            return gzip.decompress(raw) if candidate.suffix == ".gz" else raw
+            if candidate.suffix != ".gz":
+                return raw
+            try:
+                return gzip.decompress(raw)
+            except (OSError, EOFError, zlib.error) as exc:
+                raise ValueError(f"{candidate}: corrupt gzip file ({exc})") from None
     raise FileNotFoundError(path)
 
 
@@ -159,6 +165,10 @@ def _idx_dataset(name: str, folder: str, mean: float, std: float, data_dir: str 
     tx, ty, vx, vy = arrays
     if len(tx) != len(ty) or len(vx) != len(vy):
         raise ValueError(f"{name}: image and label counts differ")
+    if tx.ndim != 3 or vx.ndim != 3 or ty.ndim != 1 or vy.ndim != 1:
+        raise ValueError(f"{name}: expected N x 28 x 28 images and N labels")
+    if max(int(ty.max(initial=0)), int(vy.max(initial=0))) > 9:
+        raise ValueError(f"{name}: label out of range 0-9")
 
     def norm(a: np.ndarray) -> np.ndarray:
         return ((a.astype(np.float32) / 255.0 - mean) / std)[:, None, :, :]

@@ -9,6 +9,7 @@ never code execution.
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import numpy as np
@@ -52,11 +53,12 @@ def weights_to_bytes(weights: Weights) -> bytes:
     blobs = []
     offset = 0
     for name, arr in weights.items():
-        arr = np.ascontiguousarray(arr)
-        if arr.dtype not in _TO_CODE:
+        arr = np.asarray(arr, order="C")  # keeps 0-d tensors 0-d
+        native = arr.dtype.newbyteorder("=")
+        if native not in _TO_CODE:
             raise ValueError(f"{name}: dtype {arr.dtype} not supported")
-        data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": _TO_CODE[arr.dtype], "shape": list(arr.shape),
+        data = arr.astype(native.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": _TO_CODE[native], "shape": list(arr.shape),
                         "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)
@@ -74,7 +76,7 @@ def weights_from_bytes(data: bytes) -> Weights:
         raise ValueError("weights: header length out of range")
     try:
         header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"weights: header is not JSON ({exc})") from None
     if not isinstance(header, dict):
         raise ValueError("weights: header is not a map")
@@ -92,7 +94,7 @@ def weights_from_bytes(data: bytes) -> Weights:
             raise ValueError(f"weights: bad header entry for {name!r}") from None
         if any(d < 0 for d in shape) or begin != expected or end < begin or end > len(body):
             raise ValueError(f"weights: bad offsets or shape for {name!r}")
-        if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != end - begin:
+        if math.prod(shape) * dtype.itemsize != end - begin:
             raise ValueError(f"weights: {name!r} byte length does not match its shape")
         out[name] = np.frombuffer(body[begin:end], dtype=dtype.newbyteorder("<")).reshape(shape).copy()
         expected = end

@@ -139,7 +139,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             seed=config.seed, local_epochs=config.local_epochs, batch_size=config.batch_size,
             lr=config.lr,
         )
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # bad data files, unknown model, ...
         print(f"fl-node start: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

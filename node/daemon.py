@@ -168,6 +168,7 @@ class Node:
             "model_raw_bytes": int(sum(v.nbytes for v in self.weights.values())),
             "accuracy": self.accuracy,
             "loss": self.loss,
+            "evaluated_round": self.history[-1].round if self.history else 0,
             "peer_port": self.peer_port,
             "web_port": self.web_port,
             "uptime_s": time.time() - self.started_at,

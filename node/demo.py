@@ -123,7 +123,7 @@ def run_demo(args: argparse.Namespace) -> int:
                               f" {rec['accuracy']:.3f}, aggregator {rec['aggregator']}",
                               flush=True)
                     seen = max(seen, min(done, len(records)))
-            if done >= rounds and all(s["accuracy"] is not None for s in statuses):
+            if len(statuses) == n and all(s["evaluated_round"] >= rounds for s in statuses):
                 break
             time.sleep(0.25)
         history = get_json(endpoints[0]["web_port"], "/api/metrics")["rounds"]

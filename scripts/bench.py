@@ -66,7 +66,7 @@ def bench_demo(nodes: int, rounds: int) -> None:
             endpoints.append(wait_endpoint(sd, procs[-1]))
         while True:
             statuses = [get_json(e["web_port"], "/api/status") for e in endpoints]
-            if all(s["state"] == "done" and s["accuracy"] is not None for s in statuses):
+            if all(s["evaluated_round"] >= rounds for s in statuses):
                 break
             time.sleep(0.2)
         histories = [get_json(e["web_port"], "/api/metrics")["rounds"] for e in endpoints]

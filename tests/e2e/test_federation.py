@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from protocol.election import elect
@@ -25,10 +29,18 @@ def start_three(cluster: Cluster, rounds: int, *extra: str):
 def test_three_nodes_train_digits_to_one_model(tmp_path):
     with Cluster(tmp_path) as cluster:
         nodes = start_three(cluster, 5)
-        cluster.wait(lambda: all(n.status()["state"] == "done" for n in nodes), 180,
+        cluster.wait(lambda: all(n.status()["evaluated_round"] == 5 for n in nodes), 180,
                      "all nodes done")
         statuses = [n.status() for n in nodes]
         history = nodes[0].metrics()
+        url = f"http://127.0.0.1:{nodes[0].web_port}"
+        human = subprocess.run([sys.executable, "-m", "node.cli", "status", url],
+                               capture_output=True, text=True, timeout=60)
+        as_json = subprocess.run([sys.executable, "-m", "node.cli", "status", url, "--json"],
+                                 capture_output=True, text=True, timeout=60)
+    assert human.returncode == 0 and "state done  round 5/5" in human.stdout, human
+    assert "bravo" in human.stdout and "charlie" in human.stdout
+    assert json.loads(as_json.stdout)["model_hash"] == statuses[0]["model_hash"]
     assert [s["round"] for s in statuses] == [5, 5, 5]
     assert len({s["model_hash"] for s in statuses}) == 1
     assert all(s["accuracy"] >= 0.90 for s in statuses), [s["accuracy"] for s in statuses]
@@ -53,8 +65,8 @@ def test_killing_the_aggregator_mid_round_survivors_finish(tmp_path):
                      and s["state"] in ("training", "collecting"), 120, "victim's round")
         victim.kill()
         survivors = [n for n in nodes if n is not victim]
-        cluster.wait(lambda: all(n.status()["state"] == "done" for n in survivors), 180,
-                     "survivors done")
+        cluster.wait(lambda: all(n.status()["evaluated_round"] == rounds for n in survivors),
+                     180, "survivors done")
         statuses = [n.status() for n in survivors]
         history = survivors[0].metrics()
         logs = [n.log for n in survivors]

@@ -52,7 +52,7 @@ async def test_three_nodes_train_to_the_same_model(tmp_path, no_leaked_tasks):
             nodes[2].config = replace(nodes[2].config, peers=(
                 f"127.0.0.1:{first.peer_port}", f"127.0.0.1:{nodes[1].peer_port}"))
             async with running(nodes[2:]):
-                await _wait(lambda: all(n.state == "done" and n.accuracy is not None
+                await _wait(lambda: all(n.state == "done" and len(n.history) == 4
                                         for n in nodes))
                 async with aiohttp.ClientSession() as s:
                     async with s.get(f"http://127.0.0.1:{first.web_port}/api/status") as r:
