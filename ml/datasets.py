@@ -11,6 +11,7 @@ test split, identical on every node.
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from collections.abc import Callable
@@ -110,6 +111,15 @@ def synthetic(data_dir: str | None, download: bool, seed: int, *, features: int 
     return _bundle("synthetic", tx, ty, vx, vy, classes)
 
 
+def _download(name: str, fetch: Callable[[], object]) -> None:
+    """Run a torchvision download; a network or checksum failure becomes a
+    ``DatasetUnavailableError`` (a ValueError the CLI reports in one line)."""
+    try:
+        fetch()
+    except (OSError, RuntimeError) as exc:
+        raise DatasetUnavailableError(f"{name}: download failed ({exc})") from exc
+
+
 # ---- IDX (MNIST, Fashion-MNIST) -------------------------------------------------------
 
 
@@ -135,7 +145,7 @@ def read_idx(data: bytes) -> np.ndarray:
         raise ValueError("truncated IDX header")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(shape)):
+    if body.size != math.prod(shape):
         raise ValueError(f"IDX body has {body.size} bytes, header says {shape}")
     return body.reshape(shape)
 
@@ -155,20 +165,22 @@ def _idx_dataset(name: str, folder: str, mean: float, std: float, data_dir: str 
         import torchvision
 
         cls = torchvision.datasets.MNIST if folder == "MNIST" else torchvision.datasets.FashionMNIST
-        cls(data_dir, train=True, download=True)
+        # torchvision fetches (and md5-checks) all four files into DATA_DIR/<folder>/raw.
+        _download(name, lambda: cls(data_dir, train=True, download=True))
         missing = [f for f in _IDX_FILES
                    if not (raw / f).exists() and not (raw / f"{f}.gz").exists()]
     if missing:
         raise DatasetUnavailableError(
             f"{name}: missing {', '.join(missing)} under {raw}; add --download to fetch them")
-    arrays = [read_idx(_open_maybe_gz(raw / f)) for f in _IDX_FILES]
-    tx, ty, vx, vy = arrays
+    tx, ty, vx, vy = (read_idx(_open_maybe_gz(raw / f)) for f in _IDX_FILES)
+    if tx.ndim != 3 or vx.ndim != 3 or ty.ndim != 1 or vy.ndim != 1:
+        raise ValueError(f"{name}: IDX images must be N x H x W and labels a vector")
+    if tx.shape[1:] != vx.shape[1:]:
+        raise ValueError(f"{name}: train and test images differ in size")
     if len(tx) != len(ty) or len(vx) != len(vy):
         raise ValueError(f"{name}: image and label counts differ")
-    if tx.ndim != 3 or vx.ndim != 3 or ty.ndim != 1 or vy.ndim != 1:
-        raise ValueError(f"{name}: expected N x 28 x 28 images and N labels")
-    if max(int(ty.max(initial=0)), int(vy.max(initial=0))) > 9:
-        raise ValueError(f"{name}: label out of range 0-9")
+    if max(ty.max(initial=0), vy.max(initial=0)) > 9:
+        raise ValueError(f"{name}: IDX label out of range 0..9")
 
     def norm(a: np.ndarray) -> np.ndarray:
         return ((a.astype(np.float32) / 255.0 - mean) / std)[:, None, :, :]
@@ -191,6 +203,7 @@ def fashion_mnist(data_dir: str | None, download: bool, seed: int) -> DatasetBun
 # ---- CIFAR-10 (binary version) ---------------------------------------------------------
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"  # published on the CIFAR page
 _CIFAR_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 _CIFAR_TEST = ("test_batch.bin",)
 _CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)[None, :, None, None]
@@ -220,7 +233,8 @@ def cifar10(data_dir: str | None, download: bool, seed: int) -> DatasetBundle:
     if missing and download:
         from torchvision.datasets.utils import download_and_extract_archive
 
-        download_and_extract_archive(CIFAR_URL, data_dir)
+        _download("cifar10", lambda: download_and_extract_archive(CIFAR_URL, data_dir,
+                                                                  md5=CIFAR_MD5))
         missing = [f for f in names if not (folder / f).exists()]
     if missing:
         raise DatasetUnavailableError(

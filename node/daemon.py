@@ -9,6 +9,7 @@ transport, and the deadline timer is re-armed after every input.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -109,12 +110,13 @@ class Node:
         self.accuracy: float | None = None
         self.loss: float | None = None
         self.started_at = time.time()
-        self._round_started = time.time()
-        self._round_train_seconds = 0.0
-        self._committed_at = time.time()
-        self._update_bytes = 0
-        self._model_bytes = 0
-        self._jobs: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        #: Per-round timings and sizes, kept until the round's evaluation is recorded.
+        self._round_stats: dict[int, dict[str, float]] = {}
+        # Round work (train, send, aggregate, publish) goes first; evaluations wait until
+        # the worker has nothing else to do, so they never delay the next round.
+        self._jobs: collections.deque[tuple[str, Any]] = collections.deque()
+        self._background: collections.deque[tuple[str, Any]] = collections.deque()
+        self._work = asyncio.Event()
         self._timer_changed = asyncio.Event()
         self._stop_training = threading.Event()
         self._shutdown = asyncio.Event()
@@ -242,13 +244,13 @@ class Node:
         """Carry out the round machine's actions, then re-arm the timer."""
         for action in self.machine.take_actions():
             if isinstance(action, StartTraining):
-                self._jobs.put_nowait(("train", action))
+                self._queue("train", action)
             elif isinstance(action, SendUpdate):
-                self._jobs.put_nowait(("send_update", action))
+                self._queue("send_update", action)
             elif isinstance(action, Aggregate):
-                self._jobs.put_nowait(("aggregate", action))
+                self._queue("aggregate", action)
             elif isinstance(action, PublishModel):
-                self._jobs.put_nowait(("publish", action))
+                self._queue("publish", action)
             elif isinstance(action, Commit):
                 self._on_commit(action)
             elif isinstance(action, Note):
@@ -262,13 +264,29 @@ class Node:
         # Copy: the wire buffers are read-only views into the received frame.
         self.weights = {k: np.array(v) for k, v in from_tensors(model.weights).items()}
         self._stop_training.set()  # a model for the round we train means our work is moot
-        self._committed_at = time.time()
-        self._jobs.put_nowait(("evaluate", action))
+        self._stats(model.round)["committed_at"] = time.time()
+        self._background.append(("evaluate", (action, self.weights)))
+        self._work.set()
+
+    def _stats(self, round_number: int) -> dict[str, float]:
+        return self._round_stats.setdefault(round_number, {})
+
+    def _queue(self, kind: str, action: Any) -> None:
+        self._jobs.append((kind, action))
+        self._work.set()
 
     async def _worker(self) -> None:
-        """Run blocking jobs one at a time on a worker thread, in order."""
+        """Run blocking jobs one at a time on a worker thread: round work in order first,
+        then evaluations."""
         while True:
-            kind, action = await self._jobs.get()
+            if self._jobs:
+                kind, action = self._jobs.popleft()
+            elif self._background:
+                kind, action = self._background.popleft()
+            else:
+                self._work.clear()
+                await self._work.wait()
+                continue
             try:
                 await self._run_job(kind, action)
             except asyncio.CancelledError:
@@ -280,12 +298,12 @@ class Node:
         if kind == "train":
             if action.round != self.machine.current or self.machine.phase is not Phase.TRAINING:
                 return
-            self._round_started = time.time()
+            self._stats(action.round)["started_at"] = time.time()
             self._stop_training.clear()
             base = self.weights
             result = await asyncio.to_thread(self.learner.train, base, action.round,
                                              self._stop_training)
-            self._round_train_seconds = result.seconds
+            self._stats(action.round)["train_seconds"] = result.seconds
             log.info("round %d: trained on %d examples in %.2f s (loss %.4f)", action.round,
                      result.num_examples, result.seconds, result.loss)
             self.machine.training_done(action.round, to_tensors(result.weights),
@@ -293,7 +311,7 @@ class Node:
                                        float(result.seconds), now())
         elif kind == "send_update":
             frame = await self._encode(self.core.frame, action.update)
-            self._update_bytes = len(frame)
+            self._stats(action.update.round)["update_bytes"] = len(frame)
             if not self.transport.send(action.to, frame):
                 log.warning("no link to aggregator %s", node_id_from_key(action.to))
         elif kind == "aggregate":
@@ -305,7 +323,7 @@ class Node:
                                           sum(n for _, n in updates), now())
         elif kind == "publish":
             frame = await self._encode(self.core.publish, action.model)
-            self._model_bytes = len(frame)
+            self._stats(action.model.round)["model_bytes"] = len(frame)
             sent = self.transport.broadcast(frame)
             log.info("round %d: published the global model to %d peers", action.model.round,
                      sent)
@@ -319,21 +337,27 @@ class Node:
             return await asyncio.to_thread(fn, message)
         return fn(message)
 
-    async def _evaluate(self, action: Commit) -> None:
+    async def _evaluate(self, job: tuple[Commit, Weights]) -> None:
+        action, weights = job
         model = action.model
-        result = await asyncio.to_thread(self.learner.evaluate, self.weights)
+        result = await asyncio.to_thread(self.learner.evaluate, weights)
+        st = self._round_stats.pop(model.round, {})
+        for old in [r for r in self._round_stats if r < model.round]:
+            del self._round_stats[old]  # rounds we skipped by catching up
+        committed = st.get("committed_at", time.time())
+        # A round we never trained (caught up) counts from its commit.
+        started = st.get("started_at", committed)
         self.accuracy, self.loss = float(result.accuracy), float(result.loss)
         finished = time.time()
         record = RoundRecord(
             round=model.round, accuracy=self.accuracy, loss=self.loss,
             aggregator=node_id_from_key(model.aggregator), contributors=len(model.contributors),
             num_examples=model.num_examples, model_hash=model.digest.hex(),
-            started_at=self._round_started, committed_at=self._committed_at,
-            evaluated_at=finished, train_seconds=self._round_train_seconds,
-            round_seconds=self._committed_at - self._round_started,
-            update_bytes=self._update_bytes, model_bytes=self._model_bytes,
+            started_at=started, committed_at=committed, evaluated_at=finished,
+            train_seconds=float(st.get("train_seconds", 0.0)),
+            round_seconds=committed - started,
+            update_bytes=int(st.get("update_bytes", 0)), model_bytes=int(st.get("model_bytes", 0)),
         )
-        self._update_bytes = self._model_bytes = 0
         self.history.append(record)
         log.info("round %d/%d committed: accuracy %.4f loss %.4f aggregator %s model %s",
                  model.round, self.machine.rounds_total, self.accuracy, self.loss,
