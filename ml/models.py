@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
@@ -17,7 +18,11 @@ _MODELS: dict[str, ModelFactory] = {}
 
 
 def register_model_factory(name: str, factory: ModelFactory) -> None:
-    """Make ``factory`` available as ``--model name``."""
+    """Make ``factory`` available as ``--model name`` (replacing any model of that name)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("a model name must be a non-empty string")
+    if not callable(factory):
+        raise ValueError(f"model factory for {name!r} is not callable")
     _MODELS[name] = factory
 
 
@@ -76,7 +81,8 @@ class SmallCNN(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(width * 16, 64), nn.ReLU(),
                                   nn.Linear(64, num_classes))
 
-    def forward(self, x):  # type: ignore[no-untyped-def]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores (logits) for a batch of images ``N x C x H x W``."""
         return self.head(self.features(x))
 
 
