@@ -33,10 +33,18 @@ class EvalStats:
 def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
                 batch_size: int, lr: float, seed: int, momentum: float = 0.9,
                 stop: threading.Event | None = None) -> TrainStats:
-    """SGD with momentum over shuffled mini-batches; bit-identical for identical inputs.
+    """SGD (momentum 0.9 by default) over shuffled mini-batches, in place on ``model``.
 
-    ``stop`` is checked between batches, so a node can abandon a round promptly.
+    Shuffling uses a ``torch.Generator`` seeded with ``seed``, so identical inputs give
+    bit-identical weights (on one thread). ``stop`` is checked before every batch, so a
+    node can abandon a round promptly; ``loss`` is the mean over the last epoch run.
     """
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1")
+    if not lr > 0 or not 0 <= momentum < 1:
+        raise ValueError(f"need lr > 0 (got {lr}) and 0 <= momentum < 1 (got {momentum})")
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} inputs but {len(y)} labels")
     start = time.perf_counter()
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
@@ -68,8 +76,8 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              batch_size: int = 512) -> EvalStats:
-    """Cross-entropy loss and accuracy, without gradients."""
-    model.eval()
+    """Mean cross-entropy loss and accuracy, in eval mode and without gradients."""
+    model.train(False)  # evaluation mode
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     total, correct = 0.0, 0
     for i in range(0, len(x), batch_size):

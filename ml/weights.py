@@ -1,4 +1,4 @@
-"""Model weights as plain numpy arrays, and to/from bytes without pickle.
+"""Model weights as plain numpy arrays, and to/from bytes in the safetensors layout.
 
 The byte format is the safetensors layout: an 8-byte little-endian header length, a JSON
 header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` (plus an optional
