@@ -86,7 +86,7 @@ class Node:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir = state_dir
         self.identity = Identity.load_or_create(state_dir)
-        genesis = {k: np.ascontiguousarray(v) for k, v in learner.initial_weights().items()}
+        genesis = {k: np.asarray(v, order="C") for k, v in learner.initial_weights().items()}
         self.weights: Weights = genesis
         self.machine = RoundMachine(
             self_key=self.identity.public_key,
@@ -317,7 +317,7 @@ class Node:
         elif kind == "aggregate":
             updates = [(from_tensors(u.weights), u.num_examples) for u in action.updates.values()]
             merged = await asyncio.to_thread(self.learner.aggregate, updates)
-            merged = {k: np.ascontiguousarray(v) for k, v in merged.items()}
+            merged = {k: np.asarray(v, order="C") for k, v in merged.items()}
             self.machine.aggregation_done(action.round, action.attempt, to_tensors(merged),
                                           action.updates.keys(),
                                           sum(n for _, n in updates), now())

@@ -15,7 +15,7 @@ def to_tensors(weights: Mapping[str, np.ndarray]) -> list[Tensor]:
     """View each array as a little-endian wire tensor (no copy for contiguous arrays)."""
     out = []
     for name, arr in weights.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr, order="C")  # keeps 0-d tensors 0-d
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         dtype = str(arr.dtype)

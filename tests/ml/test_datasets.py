@@ -272,3 +272,76 @@ def test_missing_cifar10_files_are_named_and_download_is_suggested(tmp_path: Pat
     assert "--download" in msg
     with pytest.raises(DatasetUnavailableError, match="--data-dir"):
         load_dataset("cifar10")
+
+
+# ---- empty folders and --download (no network: torchvision is replaced) ---------------
+
+
+def test_mnist_in_an_empty_data_dir_names_all_four_files(tmp_path: Path) -> None:
+    with pytest.raises(DatasetUnavailableError) as info:
+        load_dataset("mnist", data_dir=str(tmp_path))
+    msg = str(info.value)
+    assert all(name in msg for name in IDX_NAMES)
+    assert str(tmp_path / "MNIST" / "raw") in msg and "--download" in msg
+
+
+def test_download_fetches_mnist_through_torchvision_then_reads_the_idx_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision
+
+    calls: list[tuple[str, bool]] = []
+
+    class FakeMNIST:
+        def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
+            calls.append((root, download))
+            write_idx_set(Path(root) / "MNIST" / "raw", tiny_idx_set(seed=2), gz=False)
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
+    d = load_dataset("mnist", data_dir=str(tmp_path), download=True)
+    assert calls == [(str(tmp_path), True)]
+    assert d.train_y.tolist() == [3, 1, 4, 1, 5]
+    load_dataset("mnist", data_dir=str(tmp_path), download=True)
+    assert len(calls) == 1  # files present: no second download
+
+
+def test_failed_download_is_a_dataset_unavailable_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision
+    import torchvision.datasets.utils
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    with pytest.raises(DatasetUnavailableError, match="fashion-mnist: download failed.*unreachable"):
+        load_dataset("fashion-mnist", data_dir=str(tmp_path), download=True)
+
+    seen: list[tuple[object, ...]] = []
+
+    def offline_archive(url: str, root: str, **kwargs: object) -> None:
+        seen.append((url, root, kwargs.get("md5")))
+        raise RuntimeError("File not found or corrupted.")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive",
+                        offline_archive)
+    with pytest.raises(DatasetUnavailableError, match="cifar10: download failed"):
+        load_dataset("cifar10", data_dir=str(tmp_path), download=True)
+    # The binary (pickle-free) archive, checked against its published md5.
+    assert seen == [("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", str(tmp_path),
+                     "c32a1d4ab5d03f1284b67883e8d87530")]
+
+
+def test_idx_labels_beyond_nine_are_a_value_error(tmp_path: Path) -> None:
+    arrays = tiny_idx_set(seed=1)
+    arrays["t10k-labels-idx1-ubyte"] = np.array([9, 2, 200], np.uint8)
+    write_idx_set(tmp_path / "MNIST" / "raw", arrays, gz=False)
+    with pytest.raises(ValueError, match="label out of range"):
+        load_dataset("mnist", data_dir=str(tmp_path))
+
+
+def test_idx_images_that_are_not_n_x_h_x_w_are_a_value_error(tmp_path: Path) -> None:
+    arrays = tiny_idx_set(seed=1)
+    arrays["train-images-idx3-ubyte"] = arrays["train-images-idx3-ubyte"].reshape(5, 784)
+    write_idx_set(tmp_path / "MNIST" / "raw", arrays, gz=False)
+    with pytest.raises(ValueError, match="N x H x W"):
+        load_dataset("mnist", data_dir=str(tmp_path))

@@ -114,3 +114,36 @@ def test_three_node_federation_on_digits_reaches_90_percent(partition: str) -> N
     assert start_accuracy < 0.3
     assert results[0].accuracy >= 0.90
     assert torch.get_num_threads() == 1
+
+
+def test_building_a_learner_leaves_the_global_torch_rng_alone() -> None:
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    TorchLearner(dataset="digits", seed=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"local_epochs": 0}, "local_epochs"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"lr": -0.1}, "lr must be > 0"),
+    ({"partition": "shards"}, "unknown partition scheme"),
+    ({"partition": "dirichlet", "alpha": 0.0}, "alpha must be > 0"),
+    ({"model": "cnn", "dataset": "synthetic"}, "mlp or linear"),
+])
+def test_bad_hyperparameters_are_value_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TorchLearner(**{"dataset": "digits", **kwargs})
+
+
+def test_mlp_federation_on_synthetic_data_learns() -> None:
+    learners = [TorchLearner(dataset="synthetic", model="mlp", num_partitions=2,
+                             partition_index=i, seed=0, local_epochs=1) for i in range(2)]
+    global_weights = learners[0].initial_weights()
+    for round_number in (1, 2):
+        global_weights = learners[0].aggregate(
+            [(lrn.train(global_weights, round_number).weights, lrn.num_examples)
+             for lrn in learners])
+    assert learners[1].evaluate(global_weights).accuracy > 0.8
+    assert learners[0].describe()["input_shape"] == [20]

@@ -82,3 +82,13 @@ def test_user_registered_model_builds_and_trains_in_torchlearner() -> None:
     finally:
         models._MODELS.pop("mine", None)
     assert "mine" not in available_models()
+
+
+def test_registering_a_nameless_or_non_callable_model_is_an_error() -> None:
+    from ml.models import register_model_factory
+
+    with pytest.raises(ValueError, match="non-empty"):
+        register_model_factory("", lambda shape, classes: nn.Linear(1, classes))
+    with pytest.raises(ValueError, match="not callable"):
+        register_model_factory("broken", "cnn")  # type: ignore[arg-type]
+    assert "" not in available_models() and "broken" not in available_models()

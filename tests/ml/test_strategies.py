@@ -74,3 +74,17 @@ def test_fedavg_with_mismatched_shapes_is_an_error() -> None:
     b = {"w": np.ones(3, np.float32)}
     with pytest.raises(ValueError, match=r"w has shape \(3,\), expected \(2,\)"):
         fedavg([(a, 1), (b, 1)])
+
+
+def test_fedavg_with_a_negative_example_count_is_an_error() -> None:
+    # A peer claiming -10 examples would otherwise push the average away from honest ones.
+    w = {"w": np.ones(2, np.float32)}
+    with pytest.raises(ValueError, match="negative example count"):
+        fedavg([(w, 20), (w, -10)])
+
+
+def test_boolean_tensors_take_the_weighted_majority() -> None:
+    a = {"mask": np.array([True, True, False])}
+    b = {"mask": np.array([False, True, True])}
+    assert fedavg([(a, 3), (b, 1)])["mask"].tolist() == [True, True, False]
+    assert fedavg([(a, 1), (b, 3)])["mask"].tolist() == [False, True, True]

@@ -130,3 +130,23 @@ def test_evaluate_does_not_change_the_model() -> None:
     evaluate(model, x, y)
     assert weights_to_bytes(get_weights(model)) == before
     assert torch.is_grad_enabled()  # no_grad did not leak out
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"epochs": 0}, "epochs"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"lr": 0.0}, "lr > 0"),
+    ({"lr": float("nan")}, "lr > 0"),
+    ({"momentum": 1.0}, "momentum"),
+])
+def test_bad_training_arguments_are_value_errors(kwargs: dict, match: str) -> None:
+    x, y = blobs(n=20)
+    args = {"epochs": 1, "batch_size": 8, "lr": 0.05, "seed": 0, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        train_local(fresh_mlp(), x, y, **args)
+
+
+def test_inputs_and_labels_of_different_length_are_a_value_error() -> None:
+    x, y = blobs(n=20)
+    with pytest.raises(ValueError, match="20 inputs but 19 labels"):
+        train_local(fresh_mlp(), x, y[:19], epochs=1, batch_size=8, lr=0.05, seed=0)

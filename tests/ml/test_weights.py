@@ -226,3 +226,59 @@ def test_deeply_nested_header_is_a_value_error() -> None:
     head = b"[" * 100_000
     with pytest.raises(ValueError):
         weights_from_bytes(struct.pack("<Q", len(head)) + head)
+
+
+# ---- interoperability with other safetensors writers ---------------------------------
+
+
+def test_data_laid_out_in_another_order_than_the_header_is_read() -> None:
+    # The safetensors reference writer orders data by dtype, not by header order; a
+    # compatible reader must accept any order as long as the tensors tile the buffer.
+    a, b = np.arange(3, dtype="<f4").tobytes(), np.array([7, -7], "<i8").tobytes()
+    data = pack({"a": {"dtype": "F32", "shape": [3], "data_offsets": [16, 28]},
+                 "b": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]}}, b + a)
+    out = weights_from_bytes(data)
+    assert list(out) == ["a", "b"]
+    assert out["a"].tolist() == [0.0, 1.0, 2.0] and out["b"].tolist() == [7, -7]
+
+
+@pytest.mark.parametrize(("header", "body"), [
+    ('{"a":{"dtype":"I8","shape":[1],"data_offsets":[0,1]},'
+     '"a":{"dtype":"I8","shape":[1],"data_offsets":[1,2]}}', b"\x01\x02"),
+    ('{"a":{"dtype":"I8","shape":[true],"data_offsets":[0,1]}}', b"\x01"),
+    ('{"a":{"dtype":"I8","shape":[1],"data_offsets":[false,true]}}', b"\x01"),
+    ('{"a":{"dtype":"I8","shape":[1.0],"data_offsets":[0,1]}}', b"\x01"),
+], ids=["duplicate name", "boolean dimension", "boolean offsets", "float dimension"])
+def test_ambiguous_headers_are_a_value_error(header: str, body: bytes) -> None:
+    head = header.encode()
+    with pytest.raises(ValueError, match="weights"):
+        weights_from_bytes(struct.pack("<Q", len(head)) + head + body)
+
+
+def test_big_endian_arrays_are_written_little_endian() -> None:
+    w = {"f": np.array([1.5, -2.0], ">f4"), "i": np.array([1, 256], ">i8")}
+    data = weights_to_bytes(w)
+    out = weights_from_bytes(data)
+    assert out["f"].tolist() == [1.5, -2.0] and out["i"].tolist() == [1, 256]
+    assert np.array([1.5, -2.0], "<f4").tobytes() in data
+
+
+def test_get_weights_sends_float32_and_keeps_integer_buffers() -> None:
+    model = nn.Sequential(nn.Linear(3, 2).double(), nn.BatchNorm1d(2), nn.Linear(2, 2))
+    model[2].to(torch.bfloat16)  # numpy has no bfloat16: it must still export
+    w = get_weights(model)
+    assert w["0.weight"].dtype == np.float32 and w["2.weight"].dtype == np.float32
+    assert w["1.num_batches_tracked"].dtype == np.int64 and w["1.num_batches_tracked"].shape == ()
+    # The model keeps its own dtypes when the weights come back, through bytes too.
+    set_weights(model, weights_from_bytes(weights_to_bytes(w)))
+    assert model[0].weight.dtype == torch.float64 and model[2].weight.dtype == torch.bfloat16
+    np.testing.assert_array_equal(model[0].weight.detach().numpy().astype(np.float32),
+                                  w["0.weight"])
+
+
+def test_set_weights_refuses_non_numeric_arrays() -> None:
+    model = nn.Linear(2, 1)
+    w = get_weights(model)
+    w["bias"] = np.array(["x"], dtype=object)
+    with pytest.raises(ValueError, match="bias has dtype object"):
+        set_weights(model, w)
