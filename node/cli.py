@@ -75,8 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--web-host", help=f"address of the web API (default {d.web_host})")
     start.add_argument("--web-port", type=int, help=f"web API port, 0 = any free (default"
                        f" {d.web_port})")
-    start.add_argument("--peer", action="append", dest="peers", metavar="HOST:PORT",
-                       help="a peer to connect to (repeatable)")
+    start.add_argument("--peer", action="append", dest="peers", metavar="[KEY@]HOST:PORT",
+                       help="a peer to connect to (repeatable); with KEY (node id or public"
+                       " key) that key is required of it, and trusted")
+    start.add_argument("--federation-secret-file", metavar="FILE",
+                       help="file holding the federation secret (or set"
+                       " FL_NODE_FEDERATION_SECRET); members prove it without sending it")
+    start.add_argument("--open", action="store_true", default=None,
+                       help="trust every node of the same federation name (INSECURE: local"
+                       " demos only)")
+    start.add_argument("--no-mdns", dest="mdns", action="store_false", default=None,
+                       help="do not announce or discover nodes by mDNS")
+    start.add_argument("--mdns-interface", dest="mdns_interfaces", action="append",
+                       metavar="IP", help="address of an interface for mDNS (repeatable;"
+                       " default all)")
+    start.add_argument("--fanout", type=int, help="peers each gossip message is forwarded to"
+                       " (default 4)")
     start.add_argument("--min-peers", type=_positive_int,
                        help="peers to wait for before round 1 (default: number of --peer)")
     start.add_argument("--start-timeout", type=float, help=f"seconds to wait for --min-peers"
@@ -117,8 +131,9 @@ def cmd_start(args: argparse.Namespace) -> int:
     """Run one node until SIGINT/SIGTERM."""
     try:
         flags = _flags(args, {"command", "config"})
-        if "peers" in flags:
-            flags["peers"] = tuple(flags["peers"])
+        for key in ("peers", "mdns_interfaces"):
+            if key in flags:
+                flags[key] = tuple(flags[key])
         config = build_config(flags, config_file=args.config)
     except ConfigError as exc:
         print(f"fl-node start: {exc}", file=sys.stderr)
@@ -143,8 +158,13 @@ def cmd_start(args: argparse.Namespace) -> int:
         print(f"fl-node start: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    async def main() -> None:
+    try:
         node = Node(config, learner)
+    except (ValueError, OSError) as exc:  # corrupt trust store, unreadable secret, ...
+        print(f"fl-node start: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def main() -> None:
         install_signal_handlers(node)
         await node.run()
 

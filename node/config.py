@@ -5,6 +5,7 @@ Every field is documented in ``FIELDS`` (the help text of its flag) and in READM
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import tomllib
@@ -18,11 +19,60 @@ DATASETS = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10")
 PARTITIONS = ("iid", "dirichlet")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_PEER_RE = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})$")
+_PEER_RE = re.compile(r"^(?:(?P<key>[A-Za-z0-9_=-]{17,64})@)?"
+                      r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})$")
+SECRET_ENV = "FL_NODE_FEDERATION_SECRET"
+MIN_SECRET_BYTES = 16
+
+
+def parse_peer(text: str) -> tuple[str | None, str]:
+    """``[KEY@]HOST:PORT`` -> (KEY or None, "HOST:PORT"); ValueError if malformed."""
+    m = _PEER_RE.match(text)
+    if not m or not 0 < int(m.group("port")) <= 65535:
+        raise ValueError(f"--peer {text!r}: expected [KEY@]HOST:PORT")
+    return m.group("key"), f"{m.group('host')}:{m.group('port')}"
+
+
+def read_federation_secret(config: NodeConfig, environ: dict[str, str] | None = None
+                           ) -> bytes | None:
+    """The federation secret from FL_NODE_FEDERATION_SECRET or --federation-secret-file.
+
+    Never from a flag's value: command lines are visible to every user of the machine.
+    """
+    environ = dict(os.environ) if environ is None else environ
+    secret: bytes | None = None
+    if environ.get(SECRET_ENV):
+        secret = environ[SECRET_ENV].encode()
+    elif config.federation_secret_file:
+        try:
+            secret = Path(config.federation_secret_file).read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"--federation-secret-file {config.federation_secret_file}:"
+                              f" {exc.strerror}") from None
+    if secret is not None and len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(f"federation secret: at least {MIN_SECRET_BYTES} bytes, please"
+                          " (e.g. `openssl rand -hex 32`)")
+    return secret
 
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message says which and why."""
+
+
+def parse_key(text: str) -> bytes | str:
+    """A pinned peer key: 64 hex digits or 43 base64url characters give the key itself;
+    a node id (``XXXX-XXXX-XXXX-XXXX-X``, dashes optional) is returned normalised."""
+    from protocol.identity import is_valid_node_id
+
+    if re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        return bytes.fromhex(text)
+    if re.fullmatch(r"[A-Za-z0-9_-]{43}=?", text):
+        return base64.urlsafe_b64decode(text.rstrip("=") + "=")
+    if is_valid_node_id(text):
+        raw = text.replace("-", "").upper()
+        return "-".join(raw[i : i + 4] for i in range(0, 17, 4))
+    raise ValueError(f"--peer key {text!r}: expected a node id, 64 hex digits or 43"
+                     " base64url characters")
 
 
 def default_state_dir(name: str) -> str:
@@ -44,6 +94,12 @@ class NodeConfig:
     web_port: int = 7800
     peers: tuple[str, ...] = ()
     min_peers: int | None = None
+    federation_secret_file: str | None = None
+    open: bool = False
+    mdns: bool = True
+    mdns_interfaces: tuple[str, ...] = ()
+    fanout: int = 4
+    announce_interval: float = 2.0
     dataset: str = "digits"
     data_dir: str | None = None
     download: bool = False
@@ -83,15 +139,18 @@ class NodeConfig:
             if not ok:
                 problems.append(text)
 
-        need(bool(_NAME_RE.match(self.name)), f"--name {self.name!r}: 1-64 letters, digits, . _ -")
-        need(bool(_NAME_RE.match(self.federation)), f"--federation {self.federation!r}: 1-64"
+        need(bool(_NAME_RE.fullmatch(self.name)), f"--name {self.name!r}: 1-64 letters, digits, . _ -")
+        need(bool(_NAME_RE.fullmatch(self.federation)), f"--federation {self.federation!r}: 1-64"
              " letters, digits, . _ -")
         for label, port in (("--port", self.port), ("--web-port", self.web_port)):
             need(0 <= port <= 65535, f"{label} {port}: must be 0-65535 (0 picks a free port)")
         for peer in self.peers:
-            m = _PEER_RE.match(peer)
-            need(bool(m) and 0 < int(m.group("port")) <= 65535 if m else False,
-                 f"--peer {peer!r}: expected HOST:PORT")
+            try:
+                key, _ = parse_peer(peer)
+                if key is not None:
+                    parse_key(key)
+            except ValueError as exc:
+                problems.append(str(exc))
         need(self.min_peers is None or self.min_peers >= 0, "--min-peers: must be >= 0")
         need(self.dataset in DATASETS, f"--dataset {self.dataset!r}: one of {', '.join(DATASETS)}")
         need(self.partition in PARTITIONS, f"--partition {self.partition!r}: iid or dirichlet")
@@ -106,6 +165,8 @@ class NodeConfig:
         need(self.round_timeout > 0, "--round-timeout: must be > 0")
         need(self.start_timeout >= 0, "--start-timeout: must be >= 0")
         need(self.heartbeat_interval > 0, "--heartbeat-interval: must be > 0")
+        need(self.announce_interval > 0, "--announce-interval: must be > 0")
+        need(1 <= self.fanout <= 64, "--fanout: must be 1-64")
         need(self.max_message_size >= 64 * 1024, "--max-message-size: must be >= 65536")
         need(self.log_level.upper() in LOG_LEVELS, f"--log-level: one of {', '.join(LOG_LEVELS)}")
         if self.download and self.dataset in ("digits", "synthetic"):

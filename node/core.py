@@ -1,22 +1,54 @@
-"""The sans-IO heart of a node: identity, envelopes, replay protection and the round machine.
+"""The sans-IO heart of a node: identity, trust, envelopes, membership, gossip and rounds.
 
-``NodeCore`` turns frames from a link into round-machine inputs and messages into signed
-frames. It does no I/O itself; the asyncio daemon (node.daemon) and the in-memory
-simulation (node.sim) both drive the same core, so what the simulation tests is what runs.
+``NodeCore`` turns frames from links into round-machine inputs, and the machine's
+messages into frames for links (``take_sends``). It does no I/O itself: the asyncio
+daemon (node.daemon) and the in-memory simulation (node.sim) drive the same core, so what
+the simulation tests is what runs.
+
+Trust: a key is trusted when it is in the trust store (pairing), pinned by the operator
+(``--peer KEY@HOST:PORT``), proves the federation secret, or when the node runs ``--open``.
+Only trusted keys become members; nothing else is accepted from or sent to anyone else.
+
+Membership: direct links, plus members learnt from signed, gossiped ``announce``
+messages (reached through relays). Gossip: broadcasts travel as ``relay`` frames that
+every node forwards at most once (seen-cache), to at most ``fanout`` peers, while the
+hop budget (``ttl``) lasts; updates for an aggregator without a direct link are routed
+through a neighbour that announces a link to it, or gossiped towards it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from protocol.envelope import DEFAULT_MAX_MESSAGE_SIZE, Envelope, ReplayGuard, decode, encode
 from protocol.errors import ProtocolError
+from protocol.gossip import (
+    DEFAULT_FANOUT,
+    DEFAULT_TTL,
+    SeenCache,
+    check_federation_proof,
+    choose_fanout,
+    federation_credential,
+    federation_proof,
+    frame_id,
+)
 from protocol.identity import Identity, node_id_from_key
-from protocol.messages import NONCE_LEN, Heartbeat, Hello, Message, Model, Update
+from protocol.messages import (
+    NONCE_LEN,
+    Announce,
+    Heartbeat,
+    Hello,
+    Message,
+    Model,
+    Relay,
+    Update,
+)
 from protocol.rounds import RoundMachine
 
 from .state import SequenceCounter
@@ -24,18 +56,55 @@ from .state import SequenceCounter
 log = logging.getLogger(__name__)
 
 
+class TrustSource(Protocol):
+    """What the core needs of a trust store."""
+
+    def is_trusted(self, public_key: bytes) -> bool: ...
+
+
+@dataclass
+class TrustPolicy:
+    """How this node decides whom to trust (see module docstring)."""
+
+    store: TrustSource | None = None
+    federation_key: bytes | None = None
+    open: bool = False
+    pinned: set[bytes] = field(default_factory=set)
+    pinned_ids: set[str] = field(default_factory=set)
+
+    def static(self, key: bytes) -> str | None:
+        """The reason ``key`` is trusted without any proof, or None."""
+        if key in self.pinned or (self.pinned_ids and node_id_from_key(key) in self.pinned_ids):
+            return "pinned"
+        if self.store is not None and self.store.is_trusted(key):
+            return "paired"
+        if self.open:
+            return "open"
+        return None
+
+
 @dataclass
 class PeerStats:
-    """What this node knows about one member key."""
+    """What this node knows about one key it has heard of."""
 
     name: str
     address: str = ""
+    addresses: tuple[str, ...] = ()
     rounds: int = 0
     state: str = "unknown"
     last_seen: float = 0.0
     rtt_ms: float | None = None
     rejected: int = 0
     messages: int = 0
+    trusted: bool = False
+    trust: str = ""
+    direct: bool = False
+    link_down_at: float = 0.0
+    last_announce: float = -1.0
+    links: tuple[bytes, ...] = ()
+    discovered: bool = False
+    member: bool = False
+    served_round: int = -1
 
 
 @dataclass
@@ -47,11 +116,13 @@ class Counters:
     messages_sent: int = 0
     messages_received: int = 0
     rejected: int = 0
+    duplicates: int = 0
+    relayed: int = 0
     rejected_reasons: dict[str, int] = field(default_factory=dict)
 
 
 class NodeCore:
-    """Envelope handling and round logic for one node, without I/O."""
+    """Trust, envelopes, membership, gossip and round logic for one node, without I/O."""
 
     def __init__(
         self,
@@ -62,8 +133,13 @@ class NodeCore:
         port: int,
         machine: RoundMachine,
         seq: SequenceCounter,
+        trust: TrustPolicy | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        fanout: int = DEFAULT_FANOUT,
+        ttl: int = DEFAULT_TTL,
+        member_timeout: float = 6.0,
+        rng: random.Random | None = None,
     ) -> None:
         self.identity = identity
         self.name = name
@@ -71,18 +147,42 @@ class NodeCore:
         self.port = port
         self.machine = machine
         self.seq = seq
+        self.trust = trust or TrustPolicy()
         self.max_message_size = max_message_size
         self.wall_ms = wall_ms
+        self.fanout = fanout
+        self.ttl = ttl
+        self.member_timeout = member_timeout
+        self.rng = rng or random.Random()
         self.replay = ReplayGuard()
+        #: Frames processed, and frames forwarded (a model first received directly may
+        #: still need forwarding when its relayed copy arrives).
+        self.seen = SeenCache()
+        self.forwarded = SeenCache()
         self.known: dict[bytes, PeerStats] = {}
+        self.links: set[bytes] = set()
+        self.addresses: tuple[str, ...] = ()
         self.counters = Counters()
+        self._sends: list[tuple[bytes, bytes | bytearray]] = []
         #: The signed frame of the global model we hold, re-served to peers that are behind.
         self.latest_model_frame: bytes | None = None
+        self._credential = (
+            federation_credential(self.trust.federation_key, federation, identity.public_key)
+            if self.trust.federation_key else b""
+        )
 
     @property
     def key(self) -> bytes:
         """Our public key."""
         return self.identity.public_key
+
+    def take_sends(self) -> list[tuple[bytes, bytes | bytearray]]:
+        """Frames to put on links: (link key, frame), in order."""
+        out, self._sends = self._sends, []
+        return out
+
+    def _send(self, link: bytes, frame: bytes | bytearray) -> None:
+        self._sends.append((link, frame))
 
     # -- outgoing ---------------------------------------------------------------------
 
@@ -98,10 +198,14 @@ class NodeCore:
         return frame
 
     def hello(self, nonce: bytes, echo: bytes = b"") -> bytearray:
-        """Our handshake message: ``nonce`` challenges the peer, ``echo`` answers it."""
+        """Our handshake message: ``nonce`` challenges the peer, ``echo`` answers it (with
+        a federation-secret proof bound to it when we have a secret)."""
+        proof = b""
+        if echo and self.trust.federation_key:
+            proof = federation_proof(self.trust.federation_key, self.federation, self.key, echo)
         return self.frame(Hello(
             name=self.name, nonce=nonce, echo=echo, port=self.port,
-            genesis=self.machine.genesis_digest, round=self.machine.completed,
+            genesis=self.machine.genesis_digest, round=self.machine.completed, proof=proof,
         ))
 
     def heartbeat(self, state: str, echo_ts: int = 0) -> bytearray:
@@ -109,12 +213,76 @@ class NodeCore:
         return self.frame(Heartbeat(round=self.machine.completed, state=state,
                                     ping_ts=self.wall_ms(), echo_ts=echo_ts))
 
+    def announce(self, state: str) -> None:
+        """Gossip our announcement (addresses, links, progress) to the mesh."""
+        frame = self.frame(Announce(
+            name=self.name, addresses=self.addresses, links=tuple(sorted(self.links)),
+            round=self.machine.completed, state=state, credential=self._credential,
+        ))
+        self.broadcast(frame)
+
+    def broadcast(self, frame: bytes | bytearray) -> None:
+        """Gossip a frame we signed to up to ``fanout`` linked members."""
+        self.seen.add(frame_id(frame))
+        self.forwarded.add(frame_id(frame))
+        wrapped = self.frame(Relay(ttl=self.ttl, to=b"", frame=bytes(frame)))
+        for link in choose_fanout(self.rng, self.links, self.fanout):
+            self._send(link, wrapped)
+
+    def spread_model(self, frame: bytes | bytearray) -> None:
+        """Deliver a global model we signed to every member.
+
+        Directly linked members get it on their link (they are waiting for it); members
+        reached only through relays get it by gossip, which is only started when there are
+        such members, so a full mesh never pays for duplicate copies of a large model.
+        """
+        self.seen.add(frame_id(frame))
+        for link in sorted(self.links):
+            self._send(link, frame)
+        if any(st.member and k not in self.links for k, st in self.known.items()):
+            self.broadcast(frame)
+
+    def send_to(self, to: bytes, frame: bytes | bytearray) -> bool:
+        """Deliver a frame to ``to``: on its link, else relayed. False if no route."""
+        if to in self.links:
+            self._send(to, frame)
+            return True
+        if not self.links:
+            return False
+        self.seen.add(frame_id(frame))
+        self.forwarded.add(frame_id(frame))
+        wrapped = self.frame(Relay(ttl=self.ttl, to=to, frame=bytes(frame)))
+        for link in self._towards(to, exclude=()):
+            self._send(link, wrapped)
+        return True
+
+    def _towards(self, to: bytes, exclude: tuple[bytes, ...]) -> list[bytes]:
+        """Links to forward a routed frame on: the destination itself, else neighbours
+        that announce a link to it, else a gossip fan-out."""
+        if to in self.links:
+            return [to]
+        via = [k for k in self.links if k not in exclude and to in self.known.get(
+            k, PeerStats("")).links]
+        if via:
+            return choose_fanout(self.rng, via, self.fanout)
+        return choose_fanout(self.rng, self.links, self.fanout, exclude=exclude)
+
+    def serve_model(self, link: bytes) -> None:
+        """Re-serve the global model we hold to a linked peer that is behind, once per
+        round. The aggregator's signed frame travels inside a relay addressed to it."""
+        st = self.known.get(link)
+        frame = self.latest_model_frame
+        if frame is None or st is None or st.served_round >= self.machine.completed:
+            return
+        st.served_round = self.machine.completed
+        self._send(link, self.frame(Relay(ttl=0, to=link, frame=frame)))
+
     @staticmethod
     def new_nonce() -> bytes:
         """A fresh handshake challenge."""
         return os.urandom(NONCE_LEN)
 
-    # -- incoming ---------------------------------------------------------------------
+    # -- trust and links --------------------------------------------------------------
 
     def decode(self, frame: bytes | bytearray | memoryview) -> Envelope:
         """Decode and verify one frame (ProtocolError if bad).
@@ -150,18 +318,104 @@ class NodeCore:
                                 " check --dataset, --model and --seed)")
         return env, msg
 
-    def peer_joined(self, key: bytes, hello: Hello, address: str, now: float) -> None:
-        """Record a member whose handshake completed and tell the machine."""
-        stats = self.known.setdefault(key, PeerStats(name=hello.name))
-        stats.name, stats.address, stats.rounds = hello.name, address, hello.round
-        stats.state, stats.last_seen = "connected", now
-        self.machine.peer_up(key, now, round=hello.round)
+    def admit(self, key: bytes, hello: Hello, our_nonce: bytes) -> str | None:
+        """Why ``key`` is trusted after a handshake (None: it is not).
 
-    def peer_left(self, key: bytes, now: float) -> None:
-        """A member's link went down."""
-        if key in self.known:
-            self.known[key].state = "gone"
-        self.machine.peer_down(key, now)
+        ``hello`` is the peer's hello that answered ``our_nonce``; its federation proof, if
+        any, must be bound to that challenge.
+        """
+        reason = self.trust.static(key)
+        if reason:
+            return reason
+        fed_key = self.trust.federation_key
+        if fed_key and check_federation_proof(fed_key, self.federation, key, our_nonce,
+                                              hello.proof):
+            return "federation-secret"
+        return None
+
+    def _trusted_by_credential(self, key: bytes, credential: bytes) -> str | None:
+        reason = self.trust.static(key)
+        if reason:
+            return reason
+        fed_key = self.trust.federation_key
+        if fed_key and credential and credential == federation_credential(
+                fed_key, self.federation, key):
+            return "federation-secret"
+        return None
+
+    def stats(self, key: bytes, name: str = "") -> PeerStats:
+        """The record of ``key`` (created on first sight)."""
+        st = self.known.get(key)
+        if st is None:
+            st = self.known[key] = PeerStats(name=name or node_id_from_key(key)[:9])
+        return st
+
+    def note_untrusted(self, key: bytes, name: str, address: str, now: float) -> None:
+        """A node completed a handshake (or was discovered) but is not trusted."""
+        st = self.stats(key, name)
+        st.name = name or st.name
+        st.address = address or st.address
+        st.last_seen = now
+
+    def link_up(self, key: bytes, hello: Hello, address: str, trust: str, now: float) -> None:
+        """A trusted peer's link is up (handshake and admission done)."""
+        st = self.stats(key, hello.name)
+        st.name, st.address, st.rounds = hello.name, address, hello.round
+        st.state, st.last_seen = "connected", now
+        st.trusted, st.trust, st.direct = True, trust, True
+        self.links.add(key)
+        self._set_member(key, True, now)
+        # A peer that is behind gets the signed global model we hold (catch-up).
+        if hello.round < self.machine.completed:
+            self.serve_model(key)
+
+    def link_down(self, key: bytes, now: float) -> None:
+        """A peer's link went down. It stays a member only if announcements heard after
+        this moment show it is still reachable through others."""
+        self.links.discard(key)
+        st = self.known.get(key)
+        if st is None:
+            return
+        st.direct = False
+        st.link_down_at = now
+        self._set_member(key, self._reachable(key, now), now)
+
+    def _reachable(self, key: bytes, now: float) -> bool:
+        st = self.known.get(key)
+        if st is None or not st.trusted:
+            return False
+        if key in self.links:
+            return True
+        return st.last_announce > st.link_down_at and now - st.last_announce <= self.member_timeout
+
+    def _set_member(self, key: bytes, live: bool, now: float) -> None:
+        st = self.stats(key)
+        if live and not st.member:
+            st.member = True
+            self.machine.peer_up(key, now, round=st.rounds, state=st.state)
+        elif not live and st.member:
+            st.member = False
+            self.machine.peer_down(key, now)
+
+    def tick(self, now: float) -> None:
+        """Expire relayed members whose announcements stopped."""
+        for key, st in list(self.known.items()):
+            if st.member and key not in self.links and not self._reachable(key, now):
+                self._set_member(key, False, now)
+
+    def peer_state(self, key: bytes, now: float) -> str:
+        """connected, relayed, suspect, gone, or untrusted, for status."""
+        st = self.known[key]
+        if not st.trusted:
+            return "untrusted"
+        if key in self.links:
+            return "connected"
+        if st.member:
+            age = now - st.last_announce
+            return "relayed" if age <= self.member_timeout / 2 else "suspect"
+        return "gone"
+
+    # -- incoming ---------------------------------------------------------------------
 
     def handle(self, link_key: bytes, frame: bytes | bytearray | memoryview,
                now: float) -> Envelope:
@@ -170,41 +424,114 @@ class NodeCore:
 
     def dispatch(self, link_key: bytes, env: Envelope, frame: bytes | bytearray | memoryview,
                  now: float) -> Envelope:
-        """Feed a decoded frame from the link of ``link_key`` to the round machine.
+        """Feed a decoded frame from the link of ``link_key`` to the node.
 
         Raises ProtocolError for anything a peer got wrong; the caller logs it and lowers
-        the peer's score. The machine's actions are left in ``machine.outbox``.
+        the peer's score. The machine's actions are left in ``machine.outbox`` and frames
+        to send in ``take_sends()``.
         """
         self.counters.bytes_received += len(frame)
         self.counters.messages_received += 1
-        self.check_fresh(env)
-        msg = env.message
-        if link_key not in self.known:
-            raise ProtocolError("message on a link without a handshake")
-        if not isinstance(msg, Model) and env.sender != link_key:
+        if link_key not in self.links:
+            raise ProtocolError("message on a link that is not an admitted member's")
+        if env.sender != link_key:
             raise ProtocolError("direct message signed by another key than the link's")
-        # A model keeps its aggregator's signature when a member re-serves it (catch-up),
-        # so its signer need not be linked to us, or even still be alive.
-        stats = self.known.get(env.sender)
-        if stats is not None:
-            stats.last_seen = now
-            stats.messages += 1
+        self.check_fresh(env)
+        st = self.known[link_key]
+        st.last_seen = now
+        st.messages += 1
+        msg = env.message
+        if isinstance(msg, Relay):
+            self._on_relay(link_key, msg, now)
+        else:
+            if isinstance(msg, Model):
+                self.seen.add(frame_id(frame))  # a relayed copy arriving later is a duplicate
+            self._deliver(env, bytes(frame) if isinstance(msg, Model) else frame, now,
+                          link=link_key)
+        return env
+
+    def _deliver(self, env: Envelope, frame: bytes | bytearray | memoryview, now: float,
+                 link: bytes | None) -> None:
+        """Act on a message from ``env.sender`` (direct when ``link`` is its link)."""
+        msg = env.message
+        st = self.known.get(env.sender)
         if isinstance(msg, Heartbeat):
-            assert stats is not None
-            stats.rounds, stats.state = msg.round, msg.state
+            if link is None or st is None:
+                raise ProtocolError("heartbeats are not relayed")
+            st.rounds, st.state = msg.round, msg.state
             if msg.echo_ts:
-                stats.rtt_ms = max(0.0, float(self.wall_ms() - msg.echo_ts))
+                st.rtt_ms = max(0.0, float(self.wall_ms() - msg.echo_ts))
             self.machine.peer_status(env.sender, now, round=msg.round, state=msg.state)
+            # Anti-entropy: a neighbour that is behind gets our model, once per round.
+            if msg.round < self.machine.completed:
+                self.serve_model(env.sender)
+        elif isinstance(msg, Announce):
+            self._on_announce(env.sender, msg, now)
         elif isinstance(msg, Update):
+            if st is None or not st.member:
+                raise ProtocolError(f"update from {node_id_from_key(env.sender)},"
+                                    " not a member")
             self.machine.on_update(env.sender, msg, now)
         elif isinstance(msg, Model):
+            # A model keeps its aggregator's signature when a member re-serves or relays
+            # it, so its signer need not be linked to us, known, or even still alive. It
+            # always reaches us over a trusted member's link, and any member could publish
+            # a model under its own key anyway, so the relayer's trust is what counts.
+            if st is not None:
+                st.last_seen = now
             before = self.machine.completed
             self.machine.on_model(env.sender, msg, now)
             if self.machine.completed == msg.round and self.machine.completed != before:
                 self.latest_model_frame = bytes(frame)
         elif isinstance(msg, Hello):
             raise ProtocolError("hello after the handshake")
-        return env
+        elif isinstance(msg, Relay):
+            raise ProtocolError("a relay inside a relay")
+
+    def _on_announce(self, sender: bytes, msg: Announce, now: float) -> None:
+        trust = self._trusted_by_credential(sender, msg.credential)
+        if trust is None:
+            raise ProtocolError(f"announcement from {node_id_from_key(sender)}, which we"
+                                " do not trust")
+        st = self.stats(sender, msg.name)
+        st.name, st.addresses, st.links = msg.name, msg.addresses, msg.links
+        st.rounds, st.state = msg.round, msg.state
+        st.last_announce, st.last_seen = now, now
+        if not st.trusted:
+            st.trusted, st.trust = True, trust
+        if sender not in self.links and not st.address and msg.addresses:
+            st.address = msg.addresses[0]
+        self._set_member(sender, self._reachable(sender, now), now)
+        if st.member:
+            self.machine.peer_status(sender, now, round=msg.round, state=msg.state)
+
+    def _on_relay(self, link: bytes, relay: Relay, now: float) -> None:
+        inner = relay.frame
+        fid = frame_id(inner)
+        fresh = fid not in self.seen
+        if not fresh and (fid in self.forwarded or relay.to == self.key or relay.ttl == 0):
+            self.counters.duplicates += 1
+            return  # already handled: never processed or forwarded twice
+        # Verify what we carry before acting on it or passing it on: garbage stops here.
+        env = self.decode(inner)
+        if fresh and relay.to in (b"", self.key):
+            self.seen.add(fid)
+            try:
+                self.check_fresh(env)
+                self._deliver(env, inner, now, link=None)
+            except ProtocolError:
+                self.forwarded.add(fid)  # what we refuse, we never pass on
+                raise
+        if relay.to != self.key and relay.ttl > 0 and self.forwarded.add(frame_id(inner)):
+            self.counters.relayed += 1
+            wrapped = self.frame(Relay(ttl=relay.ttl - 1, to=relay.to, frame=inner))
+            exclude = (link, env.sender)
+            if relay.to:
+                targets = self._towards(relay.to, exclude=exclude)
+            else:
+                targets = choose_fanout(self.rng, self.links, self.fanout, exclude=exclude)
+            for target in targets:
+                self._send(target, wrapped)
 
     def reject(self, key: bytes | None, reason: str) -> None:
         """Count a rejected frame against its link's peer."""

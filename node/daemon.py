@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -39,10 +40,13 @@ from protocol.rounds import (
     StartTraining,
 )
 
-from .config import NodeConfig
-from .core import NodeCore
+from protocol.gossip import federation_key
+
+from .config import NodeConfig, parse_key, parse_peer, read_federation_secret
+from .core import NodeCore, TrustPolicy
 from .learner import Learner, Weights
 from .state import SequenceCounter, atomic_write
+from .trust import TrustStore
 from .transport import Link, PeerTransport, now
 from .weights import from_tensors, to_tensors
 
@@ -98,10 +102,29 @@ class Node:
                                    model=config.round_timeout * 1.5,
                                    start=config.start_timeout),
         )
+        self.trust_store = TrustStore(state_dir)
+        self.static_peers: list[tuple[bytes | str | None, str]] = []
+        pinned_keys: set[bytes] = set()
+        pinned_ids: set[str] = set()
+        for peer in config.peers:
+            key_text, address = parse_peer(peer)
+            key = parse_key(key_text) if key_text else None
+            if isinstance(key, bytes):
+                pinned_keys.add(key)
+            elif isinstance(key, str):
+                pinned_ids.add(key)
+            self.static_peers.append((key, address))
+        secret = read_federation_secret(config)
+        self.trust = TrustPolicy(
+            store=self.trust_store,
+            federation_key=federation_key(secret, config.federation) if secret else None,
+            open=config.open, pinned=pinned_keys, pinned_ids=pinned_ids,
+        )
         self.core = NodeCore(
             identity=self.identity, name=config.name, federation=config.federation,
             port=config.port, machine=self.machine, seq=SequenceCounter(state_dir),
-            max_message_size=config.max_message_size,
+            trust=self.trust, max_message_size=config.max_message_size,
+            fanout=config.fanout, member_timeout=3 * config.announce_interval,
         )
         self.transport = PeerTransport(self.core, on_frame=self._on_frame,
                                        on_link_up=self._on_link_up,
@@ -122,6 +145,8 @@ class Node:
         self._shutdown = asyncio.Event()
         self.web_port = 0
         self.peer_port = 0
+        self._tg: asyncio.TaskGroup | None = None
+        self._dials: dict[str, asyncio.Task[None]] = {}
 
     # -- identity & status ------------------------------------------------------------
 
@@ -142,15 +167,18 @@ class Node:
         m = self.machine
         agg = m.aggregator or m.last_aggregator
         peers = []
+        t = now()
         for key, st in self.core.known.items():
             link = self.transport.links.get(key)
             peers.append({
                 "node_id": node_id_from_key(key), "name": st.name,
                 "address": link.address if link else st.address,
-                "state": "connected" if link else "gone",
+                "state": self.core.peer_state(key, t), "trusted": st.trusted,
+                "trust": st.trust or None, "discovered": st.discovered,
                 "round": st.rounds, "peer_state": st.state,
-                "last_seen": st.last_seen and time.time() - (now() - st.last_seen),
+                "last_seen": (time.time() - (t - st.last_seen)) if st.last_seen else None,
                 "rtt_ms": st.rtt_ms, "rejected": st.rejected,
+                "links": [node_id_from_key(k) for k in st.links],
             })
         c = self.core.counters
         return {
@@ -174,10 +202,13 @@ class Node:
             "peer_port": self.peer_port,
             "web_port": self.web_port,
             "uptime_s": time.time() - self.started_at,
+            "trust": {"federation_secret": self.trust.federation_key is not None,
+                      "open": self.trust.open, "paired": len(self.trust_store)},
             "traffic": {
                 "bytes_sent": c.bytes_sent, "bytes_received": c.bytes_received,
                 "messages_sent": c.messages_sent, "messages_received": c.messages_received,
                 "rejected": c.rejected, "rejected_reasons": dict(c.rejected_reasons),
+                "duplicates": c.duplicates, "relayed": c.relayed,
             },
             "learner": self.learner.describe(),
         }
@@ -206,12 +237,20 @@ class Node:
             self._write_endpoint()
             log.info("node %s (%s) peer port %d, web http://%s:%d/", self.config.name,
                      self.node_id, self.peer_port, self.config.web_host, self.web_port)
+            if self.trust.open:
+                log.warning("--open: trusting every node of federation %r; for local demos"
+                            " only", self.config.federation)
+            self.core.addresses = self._advertised_addresses()
             async with asyncio.TaskGroup() as tg:
-                for address in self.config.peers:
-                    tg.create_task(self.transport.dial(address), name=f"dial {address}")
+                self._tg = tg
+                for key, address in self.static_peers:
+                    self.dial(address, key)
                 tg.create_task(self._worker(), name="worker")
                 tg.create_task(self._timer(), name="timer")
                 tg.create_task(self._heartbeats(), name="heartbeats")
+                tg.create_task(self._announcements(), name="announcements")
+                if self.config.mdns:
+                    tg.create_task(self._discovery(), name="discovery")
                 self.machine.start(now())
                 self._drain()
                 await self._shutdown.wait()
@@ -219,6 +258,7 @@ class Node:
         except* _Shutdown:
             pass
         finally:
+            self._tg = None
             self._stop_training.set()
             await self.transport.close()
             await web_runner.cleanup()
@@ -253,11 +293,46 @@ class Node:
                 self._queue("publish", action)
             elif isinstance(action, Commit):
                 self._on_commit(action)
+            elif isinstance(action, Note) and action.kind == "aggregating":
+                log.info("%s", action.detail)
             elif isinstance(action, Note):
                 level = logging.WARNING if action.kind in ("aggregator_failed",
                                                            "model_conflict") else logging.INFO
                 log.log(level, "%s: %s", action.kind.replace("_", " "), action.detail)
+        self._flush()
         self._timer_changed.set()
+
+    def _flush(self) -> None:
+        """Put the core's outgoing frames on their links."""
+        for key, frame in self.core.take_sends():
+            if not self.transport.send(key, frame):
+                log.debug("no link to %s: frame dropped", node_id_from_key(key))
+
+    def dial(self, address: str, key: bytes | str | None = None) -> None:
+        """Keep a link to ``address`` (once per address), checking the key if one is given."""
+        if self._tg is None or address in self._dials:
+            return
+        expected = None
+        if isinstance(key, bytes):
+            expected = key.__eq__
+        elif isinstance(key, str):
+            expected = lambda k, want=key: node_id_from_key(k) == want  # noqa: E731
+        self._dials[address] = self._tg.create_task(self.transport.dial(address, expected),
+                                                    name=f"dial {address}")
+
+    def undial(self, address: str) -> None:
+        """Stop keeping a link to ``address`` (a discovered node left)."""
+        task = self._dials.pop(address, None)
+        if task is not None:
+            task.cancel()
+
+    def _advertised_addresses(self) -> tuple[str, ...]:
+        host = self.config.host
+        if host in ("0.0.0.0", "::", ""):
+            addrs = local_addresses()
+        else:
+            addrs = [host]
+        return tuple(f"{a}:{self.peer_port}" for a in addrs[:8])
 
     def _on_commit(self, action: Commit) -> None:
         model = action.model
@@ -312,8 +387,8 @@ class Node:
         elif kind == "send_update":
             frame = await self._encode(self.core.frame, action.update)
             self._stats(action.update.round)["update_bytes"] = len(frame)
-            if not self.transport.send(action.to, frame):
-                log.warning("no link to aggregator %s", node_id_from_key(action.to))
+            if not self.core.send_to(action.to, frame):
+                log.warning("no route to aggregator %s", node_id_from_key(action.to))
         elif kind == "aggregate":
             updates = [(from_tensors(u.weights), u.num_examples) for u in action.updates.values()]
             merged = await asyncio.to_thread(self.learner.aggregate, updates)
@@ -324,9 +399,8 @@ class Node:
         elif kind == "publish":
             frame = await self._encode(self.core.publish, action.model)
             self._stats(action.model.round)["model_bytes"] = len(frame)
-            sent = self.transport.broadcast(frame)
-            log.info("round %d: published the global model to %d peers", action.model.round,
-                     sent)
+            self.core.spread_model(frame)
+            log.info("round %d: published the global model", action.model.round)
         elif kind == "evaluate":
             await self._evaluate(action)
         self._drain()
@@ -383,6 +457,20 @@ class Node:
             if self.transport.links:
                 self.transport.broadcast(self.core.heartbeat(self.state))
 
+    async def _announcements(self) -> None:
+        """Gossip our announcement and expire silent relayed members, once per interval."""
+        while True:
+            self.core.announce(self.state)
+            self.core.tick(now())
+            self._drain()
+            await asyncio.sleep(self.config.announce_interval)
+
+    async def _discovery(self) -> None:
+        from .discovery import Discovery
+
+        discovery = Discovery(self)
+        await discovery.run()
+
     # -- transport callbacks ----------------------------------------------------------
 
     async def _on_frame(self, link: Link, env: Envelope, frame: bytes) -> None:
@@ -392,16 +480,12 @@ class Node:
             self.transport.send(link.key, self.core.heartbeat(self.state, echo_ts=msg.ping_ts))
         self._drain()
 
-    def _on_link_up(self, link: Link, hello: Hello) -> None:
-        self.core.peer_joined(link.key, hello, link.address, now())
-        # A peer that is behind gets the signed global model we hold (catch-up).
-        frame = self.core.latest_model_frame
-        if frame is not None and hello.round < self.machine.completed:
-            self.transport.send(link.key, frame)
+    def _on_link_up(self, link: Link, hello: Hello, trust: str) -> None:
+        self.core.link_up(link.key, hello, link.address, trust, now())
         self._drain()
 
     def _on_link_down(self, link: Link) -> None:
-        self.core.peer_left(link.key, now())
+        self.core.link_down(link.key, now())
         self._drain()
 
 
@@ -415,6 +499,18 @@ def _bound_port(runner: web.AppRunner) -> int:
         if server is not None and server.sockets:
             return int(server.sockets[0].getsockname()[1])
     raise RuntimeError("site not bound")
+
+
+def local_addresses() -> list[str]:
+    """This host's non-loopback IPv4 addresses (for announcements), else 127.0.0.1."""
+    import psutil
+
+    out = []
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                out.append(a.address)
+    return sorted(out) or ["127.0.0.1"]
 
 
 def install_signal_handlers(node: Node) -> None:

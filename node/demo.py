@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -61,7 +62,8 @@ def node_command(i: int, n: int, state_dir: Path, peers: list[str], opts: dict[s
     cmd = [sys.executable, "-m", "node.cli", "start", "--name", f"node-{i + 1}",
            "--state-dir", str(state_dir), "--host", "127.0.0.1", "--port", "0",
            "--web-port", "0", "--num-partitions", str(n), "--partition-index", str(i),
-           "--min-peers", str(n - 1), "--log-file", str(state_dir / "node.log")]
+           "--min-peers", str(n - 1), "--log-file", str(state_dir / "node.log"),
+           "--no-mdns"]
     for peer in peers:
         cmd += ["--peer", peer]
     for key, value in opts.items():
@@ -88,7 +90,8 @@ def run_demo(args: argparse.Namespace) -> int:
     base = Path(args.base_dir) if args.base_dir else Path(tempfile.mkdtemp(prefix="fl-demo-"))
     procs: list[subprocess.Popen[bytes]] = []
     endpoints: list[dict[str, Any]] = []
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The demo's nodes admit each other by a federation secret made for this run.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FL_NODE_FEDERATION_SECRET=secrets.token_hex(16))
     print(f"fl-node demo: {n} nodes on 127.0.0.1, {opts['dataset']}, {opts['partition']}"
           f" partitions, {opts['rounds']} rounds (state in {base})", flush=True)
     interrupted = False

@@ -19,7 +19,7 @@ import numpy as np
 
 from protocol.errors import ProtocolError
 from protocol.identity import Identity
-from protocol.messages import Hello
+from protocol.gossip import federation_key
 from protocol.rounds import (
     Aggregate,
     Commit,
@@ -31,7 +31,7 @@ from protocol.rounds import (
     StartTraining,
 )
 
-from .core import NodeCore
+from .core import NodeCore, TrustPolicy
 from .state import SequenceCounter
 from .weights import from_tensors, to_tensors
 
@@ -96,7 +96,14 @@ class Simulation:
         train_time: tuple[float, float] = (1.0, 3.0),
         timeouts: RoundTimeouts = RoundTimeouts(collect=30.0, model=45.0, start=10.0),
         min_peers: int | None = None,
+        fanout: int = 4,
+        announce_interval: float = 2.0,
+        secret: bytes = b"simulated federation secret",
     ) -> None:
+        self.announce_interval = announce_interval
+        fed_key = federation_key(secret, FEDERATION)
+        #: Every frame put on a link: (time, from index, to index, size).
+        self.traffic: list[tuple[float, int, int, int]] = []
         self.rng = random.Random(seed)
         self.now = 0.0
         self.latency = latency
@@ -117,7 +124,10 @@ class Simulation:
             )
             core = NodeCore(identity=ident, name=f"n{i}", federation=FEDERATION, port=0,
                             machine=machine, seq=SequenceCounter(None),
-                            wall_ms=lambda: int(1_700_000_000_000 + self.now * 1000))
+                            trust=TrustPolicy(federation_key=fed_key),
+                            wall_ms=lambda: int(1_700_000_000_000 + self.now * 1000),
+                            fanout=fanout, rng=random.Random(f"{seed}/{i}"),
+                            member_timeout=3 * announce_interval)
             self.nodes.append(SimNode(i, core, learner, genesis))
         self.by_key = {node.key: node for node in self.nodes}
 
@@ -148,29 +158,41 @@ class Simulation:
         for node in self.nodes:
             node.core.machine.start(self.now)
             self._drain(node)
+            self.at(self.rng.uniform(0, self.announce_interval),
+                    lambda node=node: self._announce_loop(node, node.epoch))
+
+    def _announce_loop(self, node: SimNode, epoch: int) -> None:
+        """Each node announces itself and expires silent members once per interval."""
+        if not node.alive or node.epoch != epoch:
+            return
+        node.core.announce(node.core.machine.phase.value)
+        node.core.tick(self.now)
+        self._drain(node)
+        self.at(self.announce_interval, lambda: self._announce_loop(node, epoch))
 
     def connect(self, a: int, b: int) -> None:
         """Bring a link up with a real two-way hello exchange."""
         na, nb = self.nodes[a], self.nodes[b]
         if not (na.alive and nb.alive) or frozenset((a, b)) in self.links:
             return
+        # the real three-hello handshake, with federation proofs bound to the challenges
         nonce_a, nonce_b = na.core.new_nonce(), nb.core.new_nonce()
-        hello_a = na.core.hello(nonce_a)
-        env_a, msg_a = nb.core.accept_hello(bytes(hello_a), None)
-        hello_b = nb.core.hello(nonce_b, echo=msg_a.nonce)
-        env_b, msg_b = na.core.accept_hello(bytes(hello_b), nonce_a)
+        env_1, msg_1 = nb.core.accept_hello(bytes(na.core.hello(nonce_a)), None)
+        env_2, msg_2 = na.core.accept_hello(bytes(nb.core.hello(nonce_b, echo=msg_1.nonce)),
+                                            nonce_a)
+        env_3, msg_3 = nb.core.accept_hello(bytes(na.core.hello(na.core.new_nonce(),
+                                                                echo=msg_2.nonce)), nonce_b)
+        trust_b = na.core.admit(nb.key, msg_2, nonce_a)
+        trust_a = nb.core.admit(na.key, msg_3, nonce_b)
+        if trust_a is None or trust_b is None:
+            na.core.note_untrusted(nb.key, msg_2.name, f"sim:{b}", self.now)
+            nb.core.note_untrusted(na.key, msg_3.name, f"sim:{a}", self.now)
+            return
         self.links.add(frozenset((a, b)))
-        na.core.peer_joined(nb.key, msg_b, f"sim:{b}", self.now)
-        nb.core.peer_joined(na.key, msg_a, f"sim:{a}", self.now)
-        self._catch_up(na, nb, msg_b)
-        self._catch_up(nb, na, msg_a)
+        na.core.link_up(nb.key, msg_2, f"sim:{b}", trust_b, self.now)
+        nb.core.link_up(na.key, msg_3, f"sim:{a}", trust_a, self.now)
         self._drain(na)
         self._drain(nb)
-
-    def _catch_up(self, ahead: SimNode, peer: SimNode, peer_hello: Hello) -> None:
-        frame = ahead.core.latest_model_frame
-        if frame is not None and peer_hello.round < ahead.core.machine.completed:
-            self._deliver(ahead, peer, frame)
 
     def disconnect(self, a: int, b: int) -> None:
         """Take a link down; both ends notice at once (as with a closed TCP connection)."""
@@ -180,7 +202,7 @@ class Simulation:
         for x, y in ((a, b), (b, a)):
             node = self.nodes[x]
             if node.alive:
-                node.core.peer_left(self.nodes[y].key, self.now)
+                node.core.link_down(self.nodes[y].key, self.now)
                 self._drain(node)
 
     def crash(self, i: int) -> None:
@@ -199,9 +221,11 @@ class Simulation:
 
     # -- the driver -------------------------------------------------------------------
 
-    def _deliver(self, src: SimNode, dst: SimNode, frame: bytes) -> None:
+    def _deliver(self, src: SimNode, dst: SimNode, frame: bytes | bytearray) -> None:
         if frozenset((src.index, dst.index)) not in self.links:
             return
+        frame = bytes(frame)
+        self.traffic.append((self.now, src.index, dst.index, len(frame)))
         epoch = dst.epoch
 
         def arrive() -> None:
@@ -225,6 +249,8 @@ class Simulation:
         machine = node.core.machine
         for action in machine.take_actions():
             self._execute(node, action)
+        for key, frame in node.core.take_sends():
+            self._deliver(node, self.by_key[key], frame)
         deadline = machine.next_deadline()
         if deadline is not None:
             epoch = node.epoch
@@ -251,8 +277,7 @@ class Simulation:
 
             self.at(self.rng.uniform(*self.train_time), trained)
         elif isinstance(action, SendUpdate):
-            frame = bytes(node.core.frame(action.update))
-            self._deliver(node, self.by_key[action.to], frame)
+            node.core.send_to(action.to, node.core.frame(action.update))
         elif isinstance(action, Aggregate):
             ups = [(from_tensors(u.weights), u.num_examples) for u in action.updates.values()]
             merged = node.learner.aggregate(ups)
@@ -268,8 +293,7 @@ class Simulation:
         elif isinstance(action, PublishModel):
             frame = node.core.publish(action.model)
             node.aggregated[action.model.round] = action.model.digest
-            for peer in self._linked(node):
-                self._deliver(node, peer, frame)
+            node.core.spread_model(frame)
         elif isinstance(action, Commit):
             node.weights = {k: np.array(v) for k, v in from_tensors(action.model.weights).items()}
             assert action.model.round not in node.commits, "two models applied for one round"

@@ -65,7 +65,7 @@ class PeerTransport:
         core: NodeCore,
         *,
         on_frame: FrameHandler,
-        on_link_up: Callable[[Link, Hello], None],
+        on_link_up: Callable[[Link, Hello, str], None],
         on_link_down: Callable[[Link], None],
     ) -> None:
         self.core = core
@@ -104,6 +104,7 @@ class PeerTransport:
                 env3, hello3 = self.core.accept_hello(third, our_nonce)
                 if env3.sender != env.sender:
                     raise ProtocolError("handshake answered by another key")
+                trust = self.core.admit(env.sender, hello3, our_nonce)
         except (ProtocolError, TimeoutError, ConnectionError, aiohttp.ClientError) as exc:
             reason = exc.reason if isinstance(exc, ProtocolError) else type(exc).__name__
             log.warning("refused link from %s: %s", peer_ip, reason)
@@ -111,14 +112,27 @@ class PeerTransport:
             await ws.close()
             return ws
         address = f"{peer_ip}:{hello3.port}"
+        if trust is None:
+            self._untrusted(env.sender, hello3, address)
+            await ws.close()
+            return ws
         link = Link(key=env.sender, dialer=env.sender, address=address, ws=ws)
-        await self._run_link(link, hello3)
+        await self._run_link(link, hello3, trust)
         return ws
+
+    def _untrusted(self, key: bytes, hello: Hello, address: str) -> None:
+        log.info("peer %s (%s) at %s is not trusted (no pairing, federation secret or"
+                 " --open): no model traffic", hello.name, node_id_from_key(key), address)
+        self.core.note_untrusted(key, hello.name, address, now())
 
     # -- client -----------------------------------------------------------------------
 
-    async def dial(self, address: str) -> None:
-        """Keep a link to ``address`` (HOST:PORT) up for as long as the node runs."""
+    async def dial(self, address: str, expected: Callable[[bytes], bool] | None = None) -> None:
+        """Keep a link to ``address`` (HOST:PORT) up for as long as the node runs.
+
+        ``expected`` checks the key that answers (pinned by ``--peer KEY@HOST:PORT`` or
+        announced by discovery); any other key is dropped as an impostor.
+        """
         delay = 0.2
         while True:
             key = self.address_keys.get(address)
@@ -127,10 +141,11 @@ class PeerTransport:
                 await self._changed.wait()
                 continue
             try:
-                await self._dial_once(address)
-                delay = 0.2
+                trusted = await self._dial_once(address, expected)
+                delay = 0.2 if trusted else 30.0
             except (OSError, TimeoutError, aiohttp.ClientError, ProtocolError) as exc:
-                reason = exc.reason if isinstance(exc, ProtocolError) else str(exc) or type(exc).__name__
+                reason = (exc.reason if isinstance(exc, ProtocolError)
+                          else str(exc) or type(exc).__name__)
                 log.debug("dial %s failed: %s", address, reason)
                 if isinstance(exc, ProtocolError):
                     log.warning("handshake with %s failed: %s", address, reason)
@@ -138,7 +153,8 @@ class PeerTransport:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    async def _dial_once(self, address: str) -> None:
+    async def _dial_once(self, address: str,
+                         expected: Callable[[bytes], bool] | None = None) -> bool:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
@@ -152,13 +168,23 @@ class PeerTransport:
                 await ws.send_bytes(self.core.hello(our_nonce))
                 reply = await self._receive_frame(ws)
                 env, hello = self.core.accept_hello(reply, our_nonce)
+                if expected is not None and not expected(env.sender):
+                    raise ProtocolError(f"{address} answered with key"
+                                        f" {node_id_from_key(env.sender)}, not the expected"
+                                        " one: dropped as an impostor")
                 await ws.send_bytes(self.core.hello(self.core.new_nonce(), echo=hello.nonce))
         except BaseException:
             await ws.close()
             raise
         self.address_keys[address] = env.sender
+        trust = self.core.admit(env.sender, hello, our_nonce)
+        if trust is None:
+            self._untrusted(env.sender, hello, address)
+            await ws.close()
+            return False
         link = Link(key=env.sender, dialer=self.core.key, address=address, ws=ws)
-        await self._run_link(link, hello)
+        await self._run_link(link, hello, trust)
+        return True
 
     @staticmethod
     async def _receive_frame(ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> bytes:
@@ -179,7 +205,7 @@ class PeerTransport:
             return True  # a re-dial: the old link is stale
         return new.dialer < old.dialer
 
-    async def _run_link(self, link: Link, hello: Hello) -> None:
+    async def _run_link(self, link: Link, hello: Hello, trust: str) -> None:
         old = self.links.get(link.key)
         if old is not None:
             if not self._prefer(link, old):
@@ -192,7 +218,7 @@ class PeerTransport:
         else:
             self.links[link.key] = link
         # Also on a replacement link: the peer may have restarted behind us (catch-up).
-        self.on_link_up(link, hello)
+        self.on_link_up(link, hello, trust)
         self._changed.set()
         log.info("link up: %s (%s) at %s", hello.name, link.node_id, link.address)
         writer = asyncio.create_task(self._writer(link))

@@ -71,21 +71,27 @@ class Hello:
     port: int
     genesis: bytes
     round: int
+    #: HMAC proving knowledge of the federation secret, bound to ``echo`` (empty if none).
+    proof: bytes = b""
 
     def to_body(self) -> dict[str, Any]:
         return {
             "name": self.name, "nonce": self.nonce, "echo": self.echo,
             "port": self.port, "genesis": self.genesis, "round": self.round,
+            "proof": self.proof,
         }
 
     @classmethod
     def from_body(cls, body: Any) -> Hello:
         b = _fields(body, "hello", {"name": str, "nonce": bytes, "echo": bytes,
-                                    "port": int, "genesis": bytes, "round": int})
+                                    "port": int, "genesis": bytes, "round": int,
+                                    "proof": bytes})
         if not 0 < len(b["name"]) <= 64:
             raise ProtocolError("hello.name: 1 to 64 characters")
         if len(b["echo"]) not in (0, NONCE_LEN):
             raise ProtocolError("hello.echo: bad length")
+        if len(b["proof"]) not in (0, HASH_LEN):
+            raise ProtocolError("hello.proof: bad length")
         return cls(
             name=b["name"],
             nonce=_bin("hello", "nonce", b["nonce"], NONCE_LEN),
@@ -93,6 +99,7 @@ class Hello:
             port=_count("hello", "port", b["port"], 65535),
             genesis=_bin("hello", "genesis", b["genesis"], HASH_LEN),
             round=_count("hello", "round", b["round"]),
+            proof=b["proof"],
         )
 
 
@@ -201,7 +208,67 @@ class Heartbeat:
                    _count("heartbeat", "echo_ts", b["echo_ts"], 2**63))
 
 
-Message = Hello | Update | Model | Heartbeat
+@dataclass(frozen=True)
+class Relay:
+    """Another node's signed frame, carried over this link (gossip and routed delivery).
+
+    ``to`` empty: a broadcast, forwarded at most once per node to a few peers while
+    ``ttl`` > 0. ``to`` a key: routed towards that node (direct link if any, else
+    forwarded like a broadcast); only that node processes it.
+    """
+
+    TYPE = "relay"
+    ttl: int
+    to: bytes
+    frame: bytes = field(repr=False)
+
+    def to_body(self) -> dict[str, Any]:
+        return {"ttl": self.ttl, "to": self.to, "frame": self.frame}
+
+    @classmethod
+    def from_body(cls, body: Any) -> Relay:
+        b = _fields(body, "relay", {"ttl": int, "to": bytes, "frame": bytes})
+        if len(b["to"]) not in (0, KEY_LEN):
+            raise ProtocolError("relay.to: expected empty or a 32-byte key")
+        return cls(_count("relay", "ttl", b["ttl"], 64), b["to"], b["frame"])
+
+
+@dataclass(frozen=True)
+class Announce:
+    """A member's periodic, gossiped self-description: how to reach it and whom it links."""
+
+    TYPE = "announce"
+    name: str
+    addresses: tuple[str, ...]
+    links: tuple[bytes, ...]
+    round: int
+    state: str
+    #: Federation credential for the signer's key (HMAC, see protocol.gossip), or empty.
+    credential: bytes = b""
+
+    def to_body(self) -> dict[str, Any]:
+        return {"name": self.name, "addrs": list(self.addresses), "links": list(self.links),
+                "round": self.round, "state": self.state, "cred": self.credential}
+
+    @classmethod
+    def from_body(cls, body: Any) -> Announce:
+        b = _fields(body, "announce", {"name": str, "addrs": list, "links": list,
+                                       "round": int, "state": str, "cred": bytes})
+        if len(b["cred"]) not in (0, HASH_LEN):
+            raise ProtocolError("announce.cred: bad length")
+        if not 0 < len(b["name"]) <= 64 or len(b["state"]) > 32:
+            raise ProtocolError("announce: bad name or state")
+        if len(b["addrs"]) > 16 or not all(isinstance(a, str) and len(a) <= 64
+                                           for a in b["addrs"]):
+            raise ProtocolError("announce.addrs: at most 16 strings")
+        if len(b["links"]) > 1024 or not all(isinstance(k, bytes) and len(k) == KEY_LEN
+                                             for k in b["links"]):
+            raise ProtocolError("announce.links: at most 1024 keys of 32 bytes")
+        return cls(b["name"], tuple(b["addrs"]), tuple(b["links"]),
+                   _count("announce", "round", b["round"]), b["state"], b["cred"])
+
+
+Message = Hello | Update | Model | Heartbeat | Relay | Announce
 
 #: type name -> body decoder. A type not in here is refused.
 DECODERS: Mapping[str, Callable[[Any], Message]] = {
@@ -209,4 +276,6 @@ DECODERS: Mapping[str, Callable[[Any], Message]] = {
     Update.TYPE: Update.from_body,
     Model.TYPE: Model.from_body,
     Heartbeat.TYPE: Heartbeat.from_body,
+    Relay.TYPE: Relay.from_body,
+    Announce.TYPE: Announce.from_body,
 }

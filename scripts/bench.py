@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -54,6 +55,7 @@ def bench_demo(nodes: int, rounds: int) -> None:
     base = Path(tempfile.mkdtemp(prefix="fl-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     endpoints = []
+    env = dict(os.environ, FL_NODE_FEDERATION_SECRET="benchmark federation secret")
     opts = {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "rounds": rounds,
             "log_level": "WARNING"}
     try:
@@ -62,7 +64,8 @@ def bench_demo(nodes: int, rounds: int) -> None:
             sd.mkdir()
             peers = [f"127.0.0.1:{e['peer_port']}" for e in endpoints]
             procs.append(subprocess.Popen(node_command(i, nodes, sd, peers, opts),
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          env=env))
             endpoints.append(wait_endpoint(sd, procs[-1]))
         while True:
             statuses = [get_json(e["web_port"], "/api/status") for e in endpoints]

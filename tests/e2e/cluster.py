@@ -69,15 +69,20 @@ class Cluster:
     base: Path
     nodes: list[NodeProc] = field(default_factory=list)
 
-    def start(self, name: str, *args: str, peers: list[NodeProc] = ()) -> NodeProc:
+    def start(self, name: str, *args: str, peers: list[NodeProc] = (),
+              secret: str | None = "e2e test federation secret",
+              env: dict[str, str] | None = None) -> NodeProc:
         sd = self.base / name
         ident = fixed_identity(sd, name)
         cmd = [sys.executable, "-m", "node.cli", "start", "--name", name, "--state-dir", str(sd),
-               "--host", "127.0.0.1", "--port", "0", "--web-port", "0",
+               "--host", "127.0.0.1", "--port", "0", "--web-port", "0", "--no-mdns",
                "--log-file", str(sd / "node.log"), *args]
         for p in peers:
             cmd += ["--peer", p.peer_address]
-        proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        if secret is not None:
+            env["FL_NODE_FEDERATION_SECRET"] = secret
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             endpoint = wait_endpoint(sd, proc)

@@ -12,6 +12,7 @@ import msgpack
 import pytest
 
 from protocol.envelope import DOMAIN, encode
+from protocol.gossip import federation_key, federation_proof
 from protocol.identity import Identity
 from protocol.messages import Heartbeat, Hello, Update
 from protocol.tensors import Tensor
@@ -21,6 +22,7 @@ from .cluster import Cluster
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 CAP = 200_000
+SECRET = "e2e test federation secret"  # a member gone rogue knows it
 
 
 def now_ms() -> int:
@@ -45,9 +47,10 @@ def payload(ident: Identity, seq: int, mtype: str, body: object, **over) -> dict
 class Attacker:
     """A client that completes the real handshake, then misbehaves."""
 
-    def __init__(self, port: int, genesis: bytes) -> None:
+    def __init__(self, port: int, genesis: bytes, secret: bytes = SECRET.encode()) -> None:
         self.port = port
         self.genesis = genesis
+        self.secret = secret
         self.ident = Identity.generate()
         self.seq = 0
 
@@ -68,8 +71,10 @@ class Attacker:
                     reply = await ws.receive()
                     assert reply.type == aiohttp.WSMsgType.BINARY, reply
                     their_nonce = msgpack.unpackb(msgpack.unpackb(reply.data)[0])["body"]["nonce"]
+                    proof = federation_proof(federation_key(self.secret, "default"), "default",
+                                             self.ident.public_key, their_nonce)
                     await ws.send_bytes(self.frame(Hello("mallory", b"m" * 16, their_nonce, 1,
-                                                         self.genesis, 0)))
+                                                         self.genesis, 0, proof)))
                 for f in frames(self):
                     if isinstance(f, str):
                         await ws.send_str(f)
@@ -80,6 +85,10 @@ class Attacker:
 
 def _heartbeat(a: Attacker) -> bytes:
     return a.frame(Heartbeat(0, "training", now_ms(), 0))
+
+
+def _heartbeat_list(a: Attacker) -> list[bytes]:
+    return [_heartbeat(a)]
 
 
 def _bad_signature(a: Attacker) -> list[bytes]:
@@ -152,10 +161,13 @@ def test_bad_input_is_rejected_with_a_reason_and_training_goes_on(tmp_path):
 
         async def attack() -> None:
             # garbage instead of a handshake
-            await Attacker(node.web_port and node.endpoint["peer_port"], genesis).session(
+            await Attacker(node.endpoint["peer_port"], genesis).session(
                 lambda a: [b"\xc1garbage"], handshake=False)
             for name, (frames, _) in CASES.items():
                 await Attacker(node.endpoint["peer_port"], genesis).session(frames)
+            # a stranger without the secret completes the handshake but is not admitted
+            await Attacker(node.endpoint["peer_port"], genesis,
+                           secret=b"a wrong guess at the secret").session(_heartbeat_list)
 
         asyncio.run(attack())
         after_attacks = node.status()["round"]
@@ -165,6 +177,7 @@ def test_bad_input_is_rejected_with_a_reason_and_training_goes_on(tmp_path):
         log = node.log
     assert status["state"] in ("training", "collecting", "aggregating", "done")
     assert "refused link from 127.0.0.1" in log
+    assert "is not trusted (no pairing, federation secret or --open)" in log
     missing = [name for name, (_, reason) in CASES.items() if reason not in log]
     assert not missing, f"no logged reason for {missing}\n{log[-4000:]}"
     assert status["traffic"]["rejected"] >= len(CASES)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import replace
 
 import aiohttp
 
@@ -32,26 +31,23 @@ async def running(nodes: list[Node]):
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def make_nodes(tmp_path, count: int, rounds: int = 4, **extra) -> list[Node]:
-    return [
-        Node(NodeConfig(name=f"n{i}", state_dir=str(tmp_path / f"n{i}"), host="127.0.0.1",
-                        port=0, web_port=0, rounds=rounds, min_peers=count - 1,
-                        heartbeat_interval=0.2, **extra),
-             FakeLearner(i))
-        for i in range(count)
-    ]
+def make_node(tmp_path, i: int, count: int, rounds: int = 4, peers=()) -> Node:
+    return Node(NodeConfig(name=f"n{i}", state_dir=str(tmp_path / f"n{i}"), host="127.0.0.1",
+                           port=0, web_port=0, rounds=rounds, min_peers=count - 1,
+                           heartbeat_interval=0.2, mdns=False,
+                           peers=tuple(f"127.0.0.1:{p.peer_port}" for p in peers)),
+                FakeLearner(i))
 
 
-async def test_three_nodes_train_to_the_same_model(tmp_path, no_leaked_tasks):
-    nodes = make_nodes(tmp_path, 3)
-    first = nodes[0]
-    async with running(nodes[:1]) as _:
-        # nodes 1 and 2 dial node 0 and each other once node 0's port is known
-        nodes[1].config = replace(nodes[1].config, peers=(f"127.0.0.1:{first.peer_port}",))
-        async with running(nodes[1:2]):
-            nodes[2].config = replace(nodes[2].config, peers=(
-                f"127.0.0.1:{first.peer_port}", f"127.0.0.1:{nodes[1].peer_port}"))
-            async with running(nodes[2:]):
+async def test_three_nodes_train_to_the_same_model(tmp_path, no_leaked_tasks, monkeypatch):
+    monkeypatch.setenv("FL_NODE_FEDERATION_SECRET", "in-process test federation secret")
+    first = make_node(tmp_path, 0, 3)
+    async with running([first]):
+        second = make_node(tmp_path, 1, 3, peers=[first])
+        async with running([second]):
+            third = make_node(tmp_path, 2, 3, peers=[first, second])
+            async with running([third]):
+                nodes = [first, second, third]
                 await _wait(lambda: all(n.state == "done" and len(n.history) == 4
                                         for n in nodes))
                 async with aiohttp.ClientSession() as s:
@@ -61,6 +57,7 @@ async def test_three_nodes_train_to_the_same_model(tmp_path, no_leaked_tasks):
     assert status["round"] == 4 and status["state"] == "done"
     assert status["model_hash"] == nodes[1].model_hash()
     assert {p["node_id"] for p in status["peers"]} == {nodes[1].node_id, nodes[2].node_id}
+    assert all(p["trusted"] and p["trust"] == "federation-secret" for p in status["peers"])
     # every node took part in every round
     assert all(n.learner.trained_rounds == [1, 2, 3, 4] for n in nodes)
     assert all(r.contributors == 3 for r in first.history)

@@ -29,7 +29,7 @@ def test_real_training_never_blocks_the_event_loop(tmp_path, caplog):
     one_round = learner.train(learner.initial_weights(), 1).seconds
     threshold = max(0.5, one_round / 2)
     node = Node(NodeConfig(name="solo", state_dir=str(tmp_path), host="127.0.0.1", port=0,
-                           web_port=0, rounds=2, min_peers=0), learner)
+                           web_port=0, rounds=2, min_peers=0, mdns=False), learner)
     pings: list[float] = []
 
     async def main() -> None:

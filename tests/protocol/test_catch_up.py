@@ -12,7 +12,7 @@ import pytest
 from node.core import NodeCore
 from node.state import SequenceCounter
 from protocol.errors import ProtocolError
-from protocol.messages import Model
+from protocol.messages import Model, Relay
 from protocol.rounds import Commit, RoundMachine, RoundTimeouts
 from protocol.tensors import weights_digest
 
@@ -34,8 +34,8 @@ def handshake(a: NodeCore, b: NodeCore) -> None:
     env2, h2 = a.accept_hello(bytes(b.hello(nb, echo=h1.nonce)), na)
     env3, h3 = b.accept_hello(bytes(a.hello(a.new_nonce(), echo=h2.nonce)), nb)
     assert env3.sender == env1.sender
-    a.peer_joined(b.key, h2, "b", 0.0)
-    b.peer_joined(a.key, h3, "a", 0.0)
+    a.link_up(b.key, h2, "b", "pinned", 0.0)
+    b.link_up(a.key, h3, "a", "pinned", 0.0)
 
 
 def publish_round_one(aggregator: NodeCore) -> bytes:
@@ -76,8 +76,10 @@ def test_a_re_served_model_frame_is_applied_once_even_when_relayed_twice():
     handshake(a, lag)
     handshake(b, lag)
     frame = publish_round_one(a)
-    for link in (a.key, b.key, b.key):
-        lag.dispatch(link, lag.decode(frame), frame, 1.0)  # no replay error for models
+    lag.dispatch(a.key, lag.decode(frame), frame, 1.0)
+    for relayer in (a, b, b):  # re-served by others, inside relays
+        wrapped = bytes(relayer.frame(Relay(ttl=0, to=lag.key, frame=frame)))
+        lag.dispatch(relayer.key, lag.decode(wrapped), wrapped, 1.0)
     commits = [x for x in lag.machine.take_actions() if isinstance(x, Commit)]
     assert len(commits) == 1
 
@@ -88,8 +90,11 @@ def test_a_lagging_node_catches_up_from_a_peer_when_the_aggregator_is_gone():
     frame = publish_round_one(a)
     b.dispatch(a.key, b.decode(frame), frame, 1.0)
     assert b.machine.completed == 1 and b.latest_model_frame == frame
-    # a leaves; lag joins and links only to b, whose hello shows round 1 > 0
+    # a leaves; lag joins and links only to b, which sees round 0 < 1 in its hello and
+    # re-serves a's signed frame inside a relay
     handshake(b, lag)
-    served = b.latest_model_frame
+    sends = [f for k, f in b.take_sends() if k == lag.key]
+    assert sends
+    served = bytes(sends[-1])
     lag.dispatch(b.key, lag.decode(served), served, 2.0)
-    assert lag.machine.completed == 1
+    assert lag.machine.completed == 1 and lag.latest_model_frame == frame
