@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--mdns-interface", dest="mdns_interfaces", action="append",
                        metavar="IP", help="address of an interface for mDNS (repeatable;"
                        " default all)")
+    start.add_argument("--announce-interval", type=float, help="seconds between gossiped"
+                       " announcements (default 2)")
     start.add_argument("--fanout", type=int, help="peers each gossip message is forwarded to"
                        " (default 4)")
     start.add_argument("--min-peers", type=_positive_int,
