@@ -108,6 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--base-dir", help="state dirs go here (default: a temporary dir)")
     add_node_options(demo)
 
+    pair = sub.add_parser("pair", help="pairing codes and the trust store",
+                          description="fl-node pair: show a pairing code (QR, URI);"
+                          " fl-node pair add URI: pair with the node whose code it is;"
+                          " fl-node pair list; fl-node pair remove ID.")
+    pair.add_argument("action", nargs="?", default="show",
+                      choices=("show", "add", "list", "remove"))
+    pair.add_argument("value", nargs="?", help="the URI (add) or node id (remove)")
+    pair.add_argument("--state-dir", help="state dir of the local node (default: that of"
+                      " --name)")
+    pair.add_argument("--name", default=d.name, help="name of the local node (default"
+                      f" {d.name})")
+    pair.add_argument("--png", metavar="FILE", help="also write the QR code as a PNG")
+    pair.add_argument("--ttl", type=float, default=600.0,
+                      help="seconds the code stays valid (default 600)")
+    pair.add_argument("--json", action="store_true", help="print JSON")
+
     status = sub.add_parser("status", help="print a running node's status")
     status.add_argument("url", nargs="?", default=f"http://127.0.0.1:{d.web_port}",
                         help="the node's web address")
@@ -190,6 +206,129 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+class _LocalNode:
+    """The running node of a state dir, reached through its web API and API token."""
+
+    def __init__(self, state_dir: str) -> None:
+        from pathlib import Path
+
+        self.dir = Path(state_dir)
+        try:
+            endpoint = json.loads((self.dir / "endpoint.json").read_text())
+            self.token = (self.dir / "api.token").read_text().strip()
+        except (OSError, ValueError):
+            raise RuntimeError(f"no running node with state dir {state_dir} (start it with"
+                               " `fl-node start`)") from None
+        host = endpoint.get("web_host", "127.0.0.1")
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        self.base = f"http://{host}:{endpoint['web_port']}"
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method=method, headers={
+            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 (local node)
+                return json.load(resp)
+        except urllib.error.HTTPError as exc:
+            try:
+                reason = json.load(exc).get("error", exc.reason)
+            except ValueError:
+                reason = exc.reason
+            raise RuntimeError(reason) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise RuntimeError(f"cannot reach the node at {self.base}: {exc}") from None
+
+
+def cmd_pair(args: argparse.Namespace) -> int:
+    """Show a pairing code, pair with a code, list or remove paired nodes."""
+    from .config import default_state_dir
+    from .pairing import qr_png, qr_text
+
+    state_dir = args.state_dir or default_state_dir(args.name)
+    try:
+        if args.action in ("add", "remove") and not args.value:
+            raise ValueError(f"fl-node pair {args.action} needs a"
+                             f" {'URI' if args.action == 'add' else 'node id'}")
+        if args.action in ("show", "list") and args.value:
+            raise ValueError(f"fl-node pair {args.action} takes no argument")
+    except ValueError as exc:
+        print(f"fl-node pair: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.action == "list" or args.action == "remove":
+            try:
+                node = _LocalNode(state_dir)
+            except RuntimeError:
+                return _pair_offline(args, state_dir)
+            if args.action == "list":
+                peers = node.call("GET", "/api/pair")["peers"]
+                _print_peers(peers, args.json)
+            else:
+                from urllib.parse import quote
+
+                gone = node.call("DELETE", f"/api/pair/{quote(args.value, safe='')}")
+                print(json.dumps(gone) if args.json else
+                      f"removed {gone['name']} ({gone['node_id']})")
+            return 0
+        node = _LocalNode(state_dir)
+        if args.action == "add":
+            got = node.call("POST", "/api/pair/add", {"uri": args.value})
+            print(json.dumps(got) if args.json else
+                  f"paired with {got['name']} ({got['node_id']})")
+            return 0
+        got = node.call("POST", "/api/pair/offer", {"ttl": args.ttl})
+        if args.png:
+            qr_png(got["uri"], args.png)
+        if args.json:
+            print(json.dumps(got))
+        else:
+            import time as _time
+
+            print(qr_text(got["uri"]))
+            print(got["uri"])
+            left = int(got["expires_at"] - _time.time())
+            print(f"\none-time code for {got['node_id']}, valid for {left} s: on the other"
+                  " node run\n  fl-node pair add '<the URI above>'")
+            if args.png:
+                print(f"QR code written to {args.png}")
+        return 0
+    except RuntimeError as exc:
+        print(f"fl-node pair: {exc}", file=sys.stderr)
+        return 1
+
+
+def _print_peers(peers: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(peers, indent=2))
+        return
+    if not peers:
+        print("no paired nodes")
+    for p in peers:
+        print(f"{p['node_id']}  {p['name']:<16} {p['source']}")
+
+
+def _pair_offline(args: argparse.Namespace, state_dir: str) -> int:
+    """list/remove on the trust store file when the node is not running."""
+    from .trust import TrustStore
+
+    try:
+        store = TrustStore(state_dir)
+        if args.action == "list":
+            _print_peers([{"node_id": p.node_id, "name": p.name, "source": p.source,
+                           "added_at": p.added_at} for p in store.entries()], args.json)
+            return 0
+        gone = store.remove(args.value)
+    except ValueError as exc:
+        print(f"fl-node pair: {exc}", file=sys.stderr)
+        return 1
+    if gone is None:
+        print(f"fl-node pair: no paired node {args.value!r}", file=sys.stderr)
+        return 1
+    print(f"removed {gone.name} ({gone.node_id})")
+    return 0
+
+
 def format_status(s: dict[str, Any]) -> str:
     """A short human summary of a status object."""
     acc = "-" if s.get("accuracy") is None else f"{s['accuracy']:.4f}"
@@ -215,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_start(args)
     if args.command == "status":
         return cmd_status(args)
+    if args.command == "pair":
+        return cmd_pair(args)
     if args.command == "demo":
         from .demo import run_demo
 

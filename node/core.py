@@ -487,6 +487,8 @@ class NodeCore:
             raise ProtocolError("hello after the handshake")
         elif isinstance(msg, Relay):
             raise ProtocolError("a relay inside a relay")
+        else:
+            raise ProtocolError(f"{env.type} is not accepted on a peer link")
 
     def _on_announce(self, sender: bytes, msg: Announce, now: float) -> None:
         trust = self._trusted_by_credential(sender, msg.credential)

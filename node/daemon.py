@@ -45,7 +45,9 @@ from protocol.gossip import federation_key
 from .config import NodeConfig, parse_key, parse_peer, read_federation_secret
 from .core import NodeCore, TrustPolicy
 from .learner import Learner, Weights
-from .state import SequenceCounter, atomic_write
+from .pair_flow import PAIR_PATH, handle_pair_request
+from .pairing import TokenBook
+from .state import SequenceCounter, atomic_write, load_or_create_api_token
 from .trust import TrustStore
 from .transport import Link, PeerTransport, now
 from .weights import from_tensors, to_tensors
@@ -103,6 +105,8 @@ class Node:
                                    start=config.start_timeout),
         )
         self.trust_store = TrustStore(state_dir)
+        self.pairing_tokens = TokenBook()
+        self.api_token = load_or_create_api_token(state_dir)
         self.static_peers: list[tuple[bytes | str | None, str]] = []
         pinned_keys: set[bytes] = set()
         pinned_ids: set[str] = set()
@@ -222,7 +226,9 @@ class Node:
 
     async def run(self) -> None:
         """Serve peers and the web API, and train, until shutdown is requested."""
-        peer_runner = web.AppRunner(self.transport.app(), handle_signals=False)
+        peer_app = self.transport.app()
+        peer_app.router.add_post(PAIR_PATH, lambda request: handle_pair_request(self, request))
+        peer_runner = web.AppRunner(peer_app, handle_signals=False)
         web_runner = web.AppRunner(self._web_app(), handle_signals=False)
         await peer_runner.setup()
         await web_runner.setup()
@@ -319,6 +325,17 @@ class Node:
             expected = lambda k, want=key: node_id_from_key(k) == want  # noqa: E731
         self._dials[address] = self._tg.create_task(self.transport.dial(address, expected),
                                                     name=f"dial {address}")
+
+    def forget(self, key: bytes) -> None:
+        """A paired key was removed from the trust store: stop trusting it now."""
+        st = self.core.known.get(key)
+        if st is None or st.trust != "paired":
+            return
+        st.trusted, st.trust = False, ""
+        link = self.transport.links.get(key)
+        if link is not None and self._tg is not None:
+            link.closed.set()
+            self._tg.create_task(link.ws.close(), name="close unpaired link")
 
     def undial(self, address: str) -> None:
         """Stop keeping a link to ``address`` (a discovered node left)."""

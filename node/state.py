@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import threading
 from pathlib import Path
 
@@ -31,6 +32,25 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+API_TOKEN_FILE = "api.token"
+
+
+def load_or_create_api_token(state_dir: str | os.PathLike[str]) -> str:
+    """The node's API token (``state_dir/api.token``, mode 0600), made at first start.
+
+    Local tools (`fl-node pair`, later the dashboard) read it from the state dir; anyone
+    who can read that file can control the node, exactly like the node's key."""
+    path = Path(state_dir) / API_TOKEN_FILE
+    if path.exists():
+        token = path.read_text().strip()
+        if len(token) < 32:
+            raise ValueError(f"{path}: corrupt API token file")
+        return token
+    token = secrets.token_hex(32)
+    atomic_write(path, token.encode())
+    return token
 
 
 class SequenceCounter:

@@ -83,7 +83,7 @@ class PeerTransport:
 
     def app(self) -> web.Application:
         """The aiohttp application serving ``/fl/v1/link``."""
-        app = web.Application(client_max_size=1024)
+        app = web.Application(client_max_size=64 * 1024)
         app.router.add_get(LINK_PATH, self._accept)
         return app
 

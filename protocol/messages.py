@@ -268,7 +268,51 @@ class Announce:
                    _count("announce", "round", b["round"]), b["state"], b["cred"])
 
 
-Message = Hello | Update | Model | Heartbeat | Relay | Announce
+@dataclass(frozen=True)
+class PairRequest:
+    """Sent to a node's pairing endpoint with the one-time token from its pairing code.
+
+    The envelope's signature proves the requester holds the key it asks to be trusted."""
+
+    TYPE = "pair_request"
+    token: str
+    name: str
+    addresses: tuple[str, ...]
+
+    def to_body(self) -> dict[str, Any]:
+        return {"token": self.token, "name": self.name, "addrs": list(self.addresses)}
+
+    @classmethod
+    def from_body(cls, body: Any) -> PairRequest:
+        b = _fields(body, "pair_request", {"token": str, "name": str, "addrs": list})
+        if not 0 < len(b["token"]) <= 64 or not 0 < len(b["name"]) <= 64:
+            raise ProtocolError("pair_request: bad token or name")
+        if len(b["addrs"]) > 8 or not all(isinstance(a, str) and len(a) <= 64
+                                          for a in b["addrs"]):
+            raise ProtocolError("pair_request.addrs: at most 8 strings")
+        return cls(b["token"], b["name"], tuple(b["addrs"]))
+
+
+@dataclass(frozen=True)
+class PairAccept:
+    """The answer to a valid PairRequest, signed by the node whose code was used."""
+
+    TYPE = "pair_accept"
+    name: str
+    requester: bytes
+
+    def to_body(self) -> dict[str, Any]:
+        return {"name": self.name, "requester": self.requester}
+
+    @classmethod
+    def from_body(cls, body: Any) -> PairAccept:
+        b = _fields(body, "pair_accept", {"name": str, "requester": bytes})
+        if not 0 < len(b["name"]) <= 64:
+            raise ProtocolError("pair_accept.name: 1 to 64 characters")
+        return cls(b["name"], _bin("pair_accept", "requester", b["requester"], KEY_LEN))
+
+
+Message = Hello | Update | Model | Heartbeat | Relay | Announce | PairRequest | PairAccept
 
 #: type name -> body decoder. A type not in here is refused.
 DECODERS: Mapping[str, Callable[[Any], Message]] = {
@@ -278,4 +322,6 @@ DECODERS: Mapping[str, Callable[[Any], Message]] = {
     Heartbeat.TYPE: Heartbeat.from_body,
     Relay.TYPE: Relay.from_body,
     Announce.TYPE: Announce.from_body,
+    PairRequest.TYPE: PairRequest.from_body,
+    PairAccept.TYPE: PairAccept.from_body,
 }
