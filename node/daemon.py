@@ -150,7 +150,7 @@ class Node:
         self.web_port = 0
         self.peer_port = 0
         self._tg: asyncio.TaskGroup | None = None
-        self._dials: dict[str, asyncio.Task[None]] = {}
+        self._dials: dict[tuple[str, bytes | str | None], asyncio.Task[None]] = {}
 
     # -- identity & status ------------------------------------------------------------
 
@@ -227,7 +227,10 @@ class Node:
     async def run(self) -> None:
         """Serve peers and the web API, and train, until shutdown is requested."""
         peer_app = self.transport.app()
-        peer_app.router.add_post(PAIR_PATH, lambda request: handle_pair_request(self, request))
+        async def pair(request: web.Request) -> web.StreamResponse:
+            return await handle_pair_request(self, request)
+
+        peer_app.router.add_post(PAIR_PATH, pair)
         peer_runner = web.AppRunner(peer_app, handle_signals=False)
         web_runner = web.AppRunner(self._web_app(), handle_signals=False)
         await peer_runner.setup()
@@ -316,15 +319,17 @@ class Node:
 
     def dial(self, address: str, key: bytes | str | None = None) -> None:
         """Keep a link to ``address`` (once per address), checking the key if one is given."""
-        if self._tg is None or address in self._dials:
+        if self._tg is None or (address, key) in self._dials:
             return
         expected = None
         if isinstance(key, bytes):
             expected = key.__eq__
         elif isinstance(key, str):
             expected = lambda k, want=key: node_id_from_key(k) == want  # noqa: E731
-        self._dials[address] = self._tg.create_task(self.transport.dial(address, expected),
-                                                    name=f"dial {address}")
+        # Keyed by address *and* expected key: another key announced at a known address
+        # gets its own check (that is how an impostor is caught).
+        self._dials[(address, key)] = self._tg.create_task(
+            self.transport.dial(address, expected), name=f"dial {address}")
 
     def forget(self, key: bytes) -> None:
         """A paired key was removed from the trust store: stop trusting it now."""
@@ -337,9 +342,9 @@ class Node:
             link.closed.set()
             self._tg.create_task(link.ws.close(), name="close unpaired link")
 
-    def undial(self, address: str) -> None:
-        """Stop keeping a link to ``address`` (a discovered node left)."""
-        task = self._dials.pop(address, None)
+    def undial(self, address: str, key: bytes | str | None = None) -> None:
+        """Stop keeping a link to ``address`` for ``key`` (a discovered node left)."""
+        task = self._dials.pop((address, key), None)
         if task is not None:
             task.cancel()
 

@@ -78,7 +78,7 @@ class Discovery:
     def __init__(self, node: Node) -> None:
         self.node = node
         self._events: asyncio.Queue[tuple[ServiceStateChange, str]] = asyncio.Queue()
-        self._addresses: dict[str, str] = {}
+        self._addresses: dict[str, tuple[str, bytes]] = {}
 
     def _interfaces(self) -> list[str] | None:
         return list(self.node.config.mdns_interfaces) or None
@@ -114,10 +114,10 @@ class Discovery:
                 if name == info.name:
                     continue
                 if change is ServiceStateChange.Removed:
-                    address = self._addresses.pop(name, None)
-                    if address:
+                    known = self._addresses.pop(name, None)
+                    if known:
                         log.info("mDNS: %s left", name)
-                        node.undial(address)
+                        node.undial(*known)
                     continue
                 await self._resolve(azc, name)
         finally:
@@ -148,12 +148,12 @@ class Discovery:
         if not addresses or not info.port:
             return
         address = f"{addresses[0]}:{info.port}"
-        if self._addresses.get(name) == address:
+        if self._addresses.get(name) == (address, key):
             return
         old = self._addresses.get(name)
         if old:
-            self.node.undial(old)
-        self._addresses[name] = address
+            self.node.undial(*old)
+        self._addresses[name] = (address, key)
         st = self.node.core.stats(key, txt.get("name", ""))
         st.discovered = True
         st.address = st.address or address

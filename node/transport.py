@@ -150,6 +150,7 @@ class PeerTransport:
                 if isinstance(exc, ProtocolError):
                     log.warning("handshake with %s failed: %s", address, reason)
                     self.core.reject(None, reason)
+                    delay = max(delay, 30.0)  # an impostor or a stranger: do not hammer
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
