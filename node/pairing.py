@@ -27,8 +27,6 @@ unexpired, unused code can get their key trusted, so show codes only to the inte
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import io
 import ipaddress
@@ -47,6 +45,7 @@ from qrcode.image.pil import PilImage
 from protocol.identity import PUBLIC_KEY_LEN, node_id_from_key
 
 from .state import atomic_write
+from .trust import decode_key, encode_key
 
 SCHEME = "fl-node"
 URI_VERSION = "1"
@@ -56,7 +55,6 @@ DEFAULT_TTL_S = 600.0
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # same rule as node.config
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{22,64}$")
-_B64URL_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _EXP_RE = re.compile(r"^(0|[1-9][0-9]{0,11})$")
 _ADDR_RE = re.compile(r"^(?P<host>\[[^\[\]]*\]|[^:\[\]]+):(?P<port>[0-9]{1,5})$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
@@ -72,21 +70,16 @@ class PairingError(ValueError):
 
 
 def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    return encode_key(data)
 
 
 def _key_from_b64url(text: str) -> bytes:
-    if not _B64URL_RE.fullmatch(text):
-        raise PairingError("bad key: not base64url (letters, digits, '-' and '_', no padding)")
     try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise PairingError("bad key: not valid base64url") from None
-    if len(raw) != PUBLIC_KEY_LEN:
-        raise PairingError(f"bad key: {len(raw)} bytes, expected {PUBLIC_KEY_LEN}")
-    if _b64url(raw) != text:
-        raise PairingError("bad key: not canonical base64url")
-    return raw
+        return decode_key(text)
+    except ValueError as exc:
+        # "key is not ..." / "key has N bytes ..." -> "bad key: not ..." / "bad key: N bytes ..."
+        detail = str(exc).removeprefix("key is ").removeprefix("key has ")
+        raise PairingError(f"bad key: {detail}") from None
 
 
 def split_address(address: str) -> tuple[str, int]:

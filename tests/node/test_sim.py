@@ -53,7 +53,6 @@ def test_every_model_has_every_member_contributing():
     sim = Simulation(6, rounds=5, seed=4)
     sim.start()
     sim.run(10_000, stop=lambda: sim.all_done(5))
-    from node.weights import from_tensors  # noqa: F401  (the weights are real tensors)
 
     for r in range(1, 6):
         agg = sim.nodes[aggregator_of(sim, r)]
