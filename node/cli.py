@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import logging
+import signal
 import sys
 import urllib.error
 import urllib.request
@@ -136,6 +138,9 @@ def setup_logging(level: str, log_file: str | None, name: str = "") -> None:
     fmt = f"%(asctime)s %(levelname)-7s {name + ' ' if name else ''}%(name)s: %(message)s"
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
+        from pathlib import Path
+
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
     logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
@@ -157,6 +162,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         print(f"fl-node start: {exc}", file=sys.stderr)
         return EXIT_USAGE
     setup_logging(config.log_level, config.log_file, config.name)
+    # `kill -USR1 PID` prints every thread's stack to stderr: for a node that seems stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     import torch
 
     from ml.learner import TorchLearner

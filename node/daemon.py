@@ -27,7 +27,7 @@ from aiohttp import web
 
 from protocol.envelope import Envelope
 from protocol.identity import Identity, node_id_from_key
-from protocol.messages import Heartbeat, Hello
+from protocol.messages import Heartbeat, Hello, Model
 from protocol.rounds import (
     Aggregate,
     Commit,
@@ -40,7 +40,10 @@ from protocol.rounds import (
     StartTraining,
 )
 
+from protocol.envelope import decode
+from protocol.errors import ProtocolError
 from protocol.gossip import federation_key
+from protocol.tensors import weights_digest
 
 from .config import NodeConfig, parse_key, parse_peer, read_federation_secret
 from .core import NodeCore, TrustPolicy
@@ -48,6 +51,7 @@ from .learner import Learner, Weights
 from .pair_flow import PAIR_PATH, handle_pair_request
 from .pairing import TokenBook
 from .state import SequenceCounter, atomic_write, load_or_create_api_token
+from .store import CheckpointError, CheckpointStore, NodeDB
 from .trust import TrustStore
 from .transport import Link, PeerTransport, now
 from .weights import from_tensors, to_tensors
@@ -130,10 +134,15 @@ class Node:
             trust=self.trust, max_message_size=config.max_message_size,
             fanout=config.fanout, member_timeout=3 * config.announce_interval,
         )
+        self.checkpoints = CheckpointStore(state_dir)
+        self.db = NodeDB(state_dir)
+        self.resumed_from = self._restore()
+        self.checkpoint_round = self.resumed_from
         self.transport = PeerTransport(self.core, on_frame=self._on_frame,
                                        on_link_up=self._on_link_up,
                                        on_link_down=self._on_link_down)
         self.history: list[RoundRecord] = []
+        self.evaluated_round = 0
         self.accuracy: float | None = None
         self.loss: float | None = None
         self.started_at = time.time()
@@ -142,6 +151,8 @@ class Node:
         # Round work (train, send, aggregate, publish) goes first; evaluations wait until
         # the worker has nothing else to do, so they never delay the next round.
         self._jobs: collections.deque[tuple[str, Any]] = collections.deque()
+        self._ckpt_pending: tuple[int, bytes, bytes] | None = None
+        self._ckpt_wanted = asyncio.Event()
         self._background: collections.deque[tuple[str, Any]] = collections.deque()
         self._work = asyncio.Event()
         self._timer_changed = asyncio.Event()
@@ -202,7 +213,9 @@ class Node:
             "model_raw_bytes": int(sum(v.nbytes for v in self.weights.values())),
             "accuracy": self.accuracy,
             "loss": self.loss,
-            "evaluated_round": self.history[-1].round if self.history else 0,
+            "evaluated_round": self.evaluated_round,
+            "resumed_from": self.resumed_from,
+            "checkpoint_round": self.checkpoint_round,
             "peer_port": self.peer_port,
             "web_port": self.web_port,
             "uptime_s": time.time() - self.started_at,
@@ -255,6 +268,7 @@ class Node:
                 for key, address in self.static_peers:
                     self.dial(address, key)
                 tg.create_task(self._worker(), name="worker")
+                tg.create_task(self._checkpointer(), name="checkpointer")
                 tg.create_task(self._timer(), name="timer")
                 tg.create_task(self._heartbeats(), name="heartbeats")
                 tg.create_task(self._announcements(), name="announcements")
@@ -272,9 +286,48 @@ class Node:
             await self.transport.close()
             await web_runner.cleanup()
             await peer_runner.cleanup()
+            self.db.close()
             with contextlib.suppress(FileNotFoundError):
                 (self.state_dir / ENDPOINT_FILE).unlink()
             log.info("node %s stopped", self.config.name)
+
+    def _restore(self) -> int:
+        """Resume from the newest good checkpoint (0: none, starting from genesis)."""
+
+        def verify(round_number: int, digest: bytes, frame: bytes) -> None:
+            try:
+                env = decode(frame, max_size=self.config.max_message_size)
+                msg = env.message
+                if env.federation != self.config.federation:
+                    raise ProtocolError("from another federation")
+                if not isinstance(msg, Model) or msg.round != round_number:
+                    raise ProtocolError("does not hold the model of its round")
+                if msg.digest != digest or weights_digest(msg.weights) != digest:
+                    raise ProtocolError("weights do not match their digest")
+                self.machine._check_spec(msg.weights, "checkpoint")
+            except ProtocolError as exc:
+                raise CheckpointError(exc.reason) from None
+            if round_number > self.config.rounds:
+                raise CheckpointError(f"round {round_number} is beyond --rounds"
+                                      f" {self.config.rounds}")
+
+        ckpt = self.checkpoints.load_latest(verify)
+        rows = self.db.rounds()
+        if ckpt is None:
+            return 0
+        msg = decode(ckpt.frame, max_size=self.config.max_message_size).message
+        assert isinstance(msg, Model)
+        self.machine.completed = ckpt.round
+        self.machine.model_digest = ckpt.digest
+        self.machine.last_aggregator = msg.aggregator
+        self.weights = {k: np.array(v) for k, v in from_tensors(msg.weights).items()}
+        self.core.latest_model_frame = ckpt.frame
+        done = [r for r in rows if r["round"] <= ckpt.round and r["accuracy"] is not None]
+        if done:
+            self.accuracy, self.loss = done[-1]["accuracy"], done[-1]["loss"]
+            self.evaluated_round = done[-1]["round"]
+        log.info("resuming from the checkpoint of round %d (%s)", ckpt.round, ckpt.path.name)
+        return ckpt.round
 
     def _web_app(self) -> web.Application:
         from .web import build_web_app
@@ -305,6 +358,7 @@ class Node:
             elif isinstance(action, Note) and action.kind == "aggregating":
                 log.info("%s", action.detail)
             elif isinstance(action, Note):
+                self.db.event(action.kind, action.detail)
                 level = logging.WARNING if action.kind in ("aggregator_failed",
                                                            "model_conflict") else logging.INFO
                 log.log(level, "%s: %s", action.kind.replace("_", " "), action.detail)
@@ -362,8 +416,31 @@ class Node:
         self.weights = {k: np.array(v) for k, v in from_tensors(model.weights).items()}
         self._stop_training.set()  # a model for the round we train means our work is moot
         self._stats(model.round)["committed_at"] = time.time()
+        if action.source != self.identity.public_key:
+            # The signed frame we just received; our own model's frame is made (and
+            # checkpointed) by its publish job.
+            frame = self.core.latest_model_frame
+            if frame is not None:
+                self._checkpoint(model.round, model.digest, frame)
         self._background.append(("evaluate", (action, self.weights)))
         self._work.set()
+
+    def _checkpoint(self, round_number: int, digest: bytes, frame: bytes) -> None:
+        """Have the checkpointer write this model (a newer one supersedes a pending one)."""
+        pending = self._ckpt_pending
+        if pending is None or pending[0] < round_number:
+            self._ckpt_pending = (round_number, digest, frame)
+            self._ckpt_wanted.set()
+
+    async def _checkpointer(self) -> None:
+        """Write checkpoints on their own thread, never queued behind training."""
+        while True:
+            await self._ckpt_wanted.wait()
+            self._ckpt_wanted.clear()
+            pending, self._ckpt_pending = self._ckpt_pending, None
+            if pending is not None:
+                await asyncio.to_thread(self.checkpoints.save, *pending)
+                self.checkpoint_round = max(self.checkpoint_round, pending[0])
 
     def _stats(self, round_number: int) -> dict[str, float]:
         return self._round_stats.setdefault(round_number, {})
@@ -375,11 +452,17 @@ class Node:
     async def _worker(self) -> None:
         """Run blocking jobs one at a time on a worker thread: round work in order first,
         then evaluations."""
+        trains_since_eval = 0
         while True:
-            if self._jobs:
-                kind, action = self._jobs.popleft()
-            elif self._background:
+            # Evaluations wait for idle time, but never more than one further round of
+            # training (a node training alone is never idle).
+            starved = trains_since_eval >= 1 and self._jobs and self._jobs[0][0] == "train"
+            if self._background and (not self._jobs or starved):
                 kind, action = self._background.popleft()
+                trains_since_eval = 0
+            elif self._jobs:
+                kind, action = self._jobs.popleft()
+                trains_since_eval += kind == "train"
             else:
                 self._work.clear()
                 await self._work.wait()
@@ -423,6 +506,7 @@ class Node:
             self._stats(action.model.round)["model_bytes"] = len(frame)
             self.core.spread_model(frame)
             log.info("round %d: published the global model", action.model.round)
+            self._checkpoint(action.model.round, action.model.digest, bytes(frame))
         elif kind == "evaluate":
             await self._evaluate(action)
         self._drain()
@@ -455,6 +539,8 @@ class Node:
             update_bytes=int(st.get("update_bytes", 0)), model_bytes=int(st.get("model_bytes", 0)),
         )
         self.history.append(record)
+        self.evaluated_round = max(self.evaluated_round, record.round)
+        await asyncio.to_thread(self.db.record_round, record.as_json())
         log.info("round %d/%d committed: accuracy %.4f loss %.4f aggregator %s model %s",
                  model.round, self.machine.rounds_total, self.accuracy, self.loss,
                  record.aggregator, record.model_hash[:12])

@@ -30,7 +30,7 @@ async def metrics(request: web.Request) -> web.Response:
     """GET /api/metrics: one record per completed round."""
     node = request.app[NODE_KEY]
     return web.json_response({"node_id": node.node_id,
-                              "rounds": [r.as_json() for r in node.history]})
+                              "rounds": node.db.rounds()})
 
 
 def _authorized(request: web.Request) -> bool:

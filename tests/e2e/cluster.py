@@ -82,13 +82,16 @@ class Cluster:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         if secret is not None:
             env["FL_NODE_FEDERATION_SECRET"] = secret
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # stderr goes to a file: a pipe nobody reads would fill up and block the node.
+        with open(sd / "stderr.log", "ab") as err:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=err)
         try:
             endpoint = wait_endpoint(sd, proc)
         except Exception:
             stop_processes([proc])
-            raise RuntimeError(f"{name} did not start: {proc.stderr.read().decode()[-2000:]}")
+            tail = (sd / "stderr.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{name} did not start: {tail}") from None
         node = NodeProc(name, sd, proc, endpoint, ident)
         self.nodes.append(node)
         return node
@@ -111,6 +114,3 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         stop_processes([n.proc for n in self.nodes])
-        for n in self.nodes:
-            if n.proc.stderr:
-                n.proc.stderr.close()
