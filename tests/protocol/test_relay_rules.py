@@ -292,3 +292,55 @@ def test_a_peer_behind_is_served_the_aggregators_frame_in_a_ttl_zero_relay():
     assert not relays(b.take_sends(), lag.key)  # once per round
     feed(lag, b, b.frame(served[0]), 2.0)
     assert lag.machine.completed == 1 and frame_id(lag.latest_model_frame) == frame_id(frame)
+
+
+# -- known gaps (docs/protocol.md, "Limitations"): these fail today ---------------------
+
+
+@pytest.mark.xfail(strict=True, reason="served_round is kept per key across reconnections")
+def test_a_peer_that_restarts_after_being_served_is_served_again():
+    a, lag = core(1), core(3)
+    link(a, lag)
+    model_frame(a)
+    a.machine.completed = 1  # as if a had committed round 1 after lag linked at round 0
+    feed(a, lag, lag.heartbeat("waiting"))
+    assert relays(a.take_sends(), lag.key)  # served once
+    a.link_down(lag.key, 2.0)
+    restarted = core(3)
+    for _ in range(100):
+        restarted.seq.next()  # its persisted counter resumes above every number used
+    link(a, restarted, now=3.0)  # hello round 0 again
+    assert relays(a.take_sends(), lag.key)
+
+
+@pytest.mark.xfail(strict=True, reason="a frame signed with our own key is refused, even"
+                   " our own model served back for catch-up")
+def test_a_restarted_aggregator_catches_up_from_its_own_model():
+    a, b = core(1), core(2)
+    link(a, b)
+    frame = model_frame(a)
+    feed(b, a, frame)
+    b.link_down(a.key, 2.0)
+    restarted = core(1)
+    for _ in range(100):
+        restarted.seq.next()
+    link(b, restarted, now=3.0)
+    served = relays(b.take_sends(), a.key)
+    assert served
+    feed(restarted, b, b.frame(served[-1]), 4.0)
+    assert restarted.machine.completed == 1
+
+
+@pytest.mark.xfail(strict=True, reason="copies of a routed frame for another node are"
+                   " verified again instead of being dropped as duplicates")
+def test_copies_of_a_routed_frame_are_duplicates():
+    a, b, c, d = core(1), core(2), core(3), core(4)
+    link(a, b)
+    link(d, b)
+    link(b, c)
+    inner = bytes(a.frame(Update(round=1, attempt=0, base=a.machine.model_digest,
+                                 num_examples=5, loss=0.1, train_seconds=1.0,
+                                 weights=weights(1.0))))
+    feed(b, a, a.frame(Relay(ttl=3, to=c.key, frame=inner)))
+    feed(b, d, d.frame(Relay(ttl=3, to=c.key, frame=inner)))
+    assert b.counters.duplicates == 1
