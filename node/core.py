@@ -18,6 +18,7 @@ through a neighbour that announces a link to it, or gossiped towards it.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import random
@@ -54,6 +55,9 @@ from protocol.rounds import RoundMachine
 from .state import SequenceCounter
 
 log = logging.getLogger(__name__)
+
+#: Bytes a relay adds around the frame it carries (envelope fields, ttl, to, headers).
+RELAY_OVERHEAD = 1024
 
 
 class TrustSource(Protocol):
@@ -284,16 +288,20 @@ class NodeCore:
 
     # -- trust and links --------------------------------------------------------------
 
-    def decode(self, frame: bytes | bytearray | memoryview) -> Envelope:
+    def decode(self, frame: bytes | bytearray | memoryview, *, carried: bool = False
+               ) -> Envelope:
         """Decode and verify one frame (ProtocolError if bad).
 
         Touches no state, so the daemon may run it on a worker thread for large frames;
         freshness is checked by ``dispatch`` on the event loop.
         """
-        env = decode(frame, max_size=self.max_message_size)
+        # A relay wraps a frame of up to the cap, so the outer frame may be a little larger.
+        limit = self.max_message_size + (0 if carried else RELAY_OVERHEAD)
+        env = decode(frame, max_size=limit)
         if env.federation != self.federation:
             raise ProtocolError(f"federation {env.federation!r:.40} is not ours")
-        if env.sender == self.key:
+        # Our own model may come back to us for catch-up (after a restart we lost it).
+        if env.sender == self.key and not (carried and isinstance(env.message, Model)):
             raise ProtocolError("a message signed with our own key")
         return env
 
@@ -338,8 +346,8 @@ class NodeCore:
         if reason:
             return reason
         fed_key = self.trust.federation_key
-        if fed_key and credential and credential == federation_credential(
-                fed_key, self.federation, key):
+        if fed_key and credential and hmac.compare_digest(credential, federation_credential(
+                fed_key, self.federation, key)):
             return "federation-secret"
         return None
 
@@ -363,6 +371,7 @@ class NodeCore:
         st.name, st.address, st.rounds = hello.name, address, hello.round
         st.state, st.last_seen = "connected", now
         st.trusted, st.trust, st.direct = True, trust, True
+        st.served_round = -1  # a new link: the peer may have restarted and lost the model
         self.links.add(key)
         self._set_member(key, True, now)
         # A peer that is behind gets the signed global model we hold (catch-up).
@@ -493,8 +502,11 @@ class NodeCore:
     def _on_announce(self, sender: bytes, msg: Announce, now: float) -> None:
         trust = self._trusted_by_credential(sender, msg.credential)
         if trust is None:
-            raise ProtocolError(f"announcement from {node_id_from_key(sender)}, which we"
-                                " do not trust")
+            # Someone our neighbour trusts and we do not (pairing is pairwise): not an
+            # error of the neighbour's, so nothing is counted against its link.
+            self.note_untrusted(sender, msg.name, msg.addresses[0] if msg.addresses else "",
+                                now)
+            return
         st = self.stats(sender, msg.name)
         st.name, st.addresses, st.links = msg.name, msg.addresses, msg.links
         st.rounds, st.state = msg.round, msg.state
@@ -510,12 +522,15 @@ class NodeCore:
     def _on_relay(self, link: bytes, relay: Relay, now: float) -> None:
         inner = relay.frame
         fid = frame_id(inner)
+        if relay.to not in (b"", self.key) and fid in self.forwarded:
+            self.counters.duplicates += 1
+            return  # a routed frame for another node, already passed on
         fresh = fid not in self.seen
         if not fresh and (fid in self.forwarded or relay.to == self.key or relay.ttl == 0):
             self.counters.duplicates += 1
             return  # already handled: never processed or forwarded twice
         # Verify what we carry before acting on it or passing it on: garbage stops here.
-        env = self.decode(inner)
+        env = self.decode(inner, carried=True)
         if fresh and relay.to in (b"", self.key):
             self.seen.add(fid)
             try:

@@ -23,7 +23,8 @@ from protocol.errors import ProtocolError
 from protocol.identity import node_id_from_key
 from protocol.messages import PairAccept, PairRequest
 
-from .pairing import PairingError, PairingOffer, make_offer
+from .pairing import PairingError, PairingOffer, make_offer, split_address
+from .trust import check_name
 
 if TYPE_CHECKING:
     from .daemon import Node
@@ -32,6 +33,14 @@ log = logging.getLogger(__name__)
 
 PAIR_PATH = "/fl/v1/pair"
 MAX_REQUEST = 64 * 1024
+
+
+def _valid_address(address: str) -> bool:
+    try:
+        split_address(address)
+    except PairingError:
+        return False
+    return True
 
 
 def offer(node: Node, ttl_s: float) -> PairingOffer:
@@ -52,15 +61,17 @@ async def handle_pair_request(node: Node, request: web.Request) -> web.Response:
         msg = env.message
         if not isinstance(msg, PairRequest):
             raise ProtocolError(f"expected pair_request, got {env.type}")
+        check_name(msg.name)  # before the token is spent
+        addresses = [a for a in msg.addresses[:2] if _valid_address(a)]
         node.pairing_tokens.redeem(msg.token)
-    except (ProtocolError, PairingError) as exc:
+    except (ProtocolError, ValueError) as exc:
         reason = exc.reason if isinstance(exc, ProtocolError | PairingError) else str(exc)
         log.warning("pairing request from %s refused: %s", request.remote, reason)
         node.core.reject(None, reason)
         return web.Response(status=403, text=reason)
     peer = node.trust_store.add(env.sender, msg.name, "pairing")
     log.info("paired with %s (%s)", peer.name, peer.node_id)
-    for address in msg.addresses[:2]:
+    for address in addresses:
         node.dial(address, env.sender)
     answer = node.core.frame(PairAccept(name=node.config.name, requester=env.sender))
     return web.Response(body=bytes(answer), content_type="application/octet-stream")

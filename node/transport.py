@@ -141,8 +141,15 @@ class PeerTransport:
                 await self._changed.wait()
                 continue
             try:
+                started = time.monotonic()
                 trusted = await self._dial_once(address, expected)
-                delay = 0.2 if trusted else 30.0
+                if not trusted:
+                    delay = 30.0
+                elif time.monotonic() - started < 5.0:
+                    # The other side closed at once (it does not trust us): back off.
+                    delay = min(max(delay * 2, 1.0), 30.0)
+                else:
+                    delay = 0.2
             except (OSError, TimeoutError, aiohttp.ClientError, ProtocolError) as exc:
                 reason = (exc.reason if isinstance(exc, ProtocolError)
                           else str(exc) or type(exc).__name__)
@@ -152,7 +159,8 @@ class PeerTransport:
                     self.core.reject(None, reason)
                     delay = max(delay, 30.0)  # an impostor or a stranger: do not hammer
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            if delay < 5.0:
+                delay = min(delay * 2, 5.0)
 
     async def _dial_once(self, address: str,
                          expected: Callable[[bytes], bool] | None = None) -> bool:

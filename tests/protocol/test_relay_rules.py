@@ -218,9 +218,10 @@ def _announce_via(sender: NodeCore, relayer: NodeCore, receiver: NodeCore, now: 
 def test_a_relayed_member_needs_a_credential_and_expires_after_member_timeout():
     a, b, c = core(1, member_timeout=6.0), core(2), core(3)
     link(a, b)
-    with pytest.raises(ProtocolError, match="do not trust"):
-        _announce_via(c, b, a, 1.0, credential=bytes(32))
+    # a bad credential: ignored (not an error of b's, so nothing is counted against b)
+    _announce_via(c, b, a, 1.0, credential=bytes(32))
     assert c.key not in a.machine.peers
+    assert a.peer_state(c.key, 1.0) == "untrusted" and a.known[b.key].rejected == 0
     _announce_via(c, b, a, 2.0)
     assert c.key in a.machine.peers and a.peer_state(c.key, 2.0) == "relayed"
     assert a.known[c.key].trust == "federation-secret"
@@ -297,7 +298,6 @@ def test_a_peer_behind_is_served_the_aggregators_frame_in_a_ttl_zero_relay():
 # -- known gaps (docs/protocol.md, "Limitations"): these fail today ---------------------
 
 
-@pytest.mark.xfail(strict=True, reason="served_round is kept per key across reconnections")
 def test_a_peer_that_restarts_after_being_served_is_served_again():
     a, lag = core(1), core(3)
     link(a, lag)
@@ -313,8 +313,6 @@ def test_a_peer_that_restarts_after_being_served_is_served_again():
     assert relays(a.take_sends(), lag.key)
 
 
-@pytest.mark.xfail(strict=True, reason="a frame signed with our own key is refused, even"
-                   " our own model served back for catch-up")
 def test_a_restarted_aggregator_catches_up_from_its_own_model():
     a, b = core(1), core(2)
     link(a, b)
@@ -331,8 +329,6 @@ def test_a_restarted_aggregator_catches_up_from_its_own_model():
     assert restarted.machine.completed == 1
 
 
-@pytest.mark.xfail(strict=True, reason="copies of a routed frame for another node are"
-                   " verified again instead of being dropped as duplicates")
 def test_copies_of_a_routed_frame_are_duplicates():
     a, b, c, d = core(1), core(2), core(3), core(4)
     link(a, b)
