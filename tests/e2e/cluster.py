@@ -96,6 +96,10 @@ class Cluster:
         self.nodes.append(node)
         return node
 
+    def start_on_port(self, name: str, port: int, *args: str, **kw: object) -> NodeProc:
+        """Like ``start``, on a given peer port (for a node others already dial)."""
+        return self.start(name, "--port", str(port), *args, **kw)  # the later --port wins
+
     def wait(self, pred, timeout: float = 120.0, what: str = "condition") -> None:
         deadline = time.monotonic() + timeout
         last_exc: Exception | None = None
