@@ -23,7 +23,9 @@ class CrashReport:
     """What the cycles showed."""
 
     cycles: int = 0
-    resumed: list[tuple[int, int]] = field(default_factory=list)  # (seen before kill, resumed)
+    #: (round seen before the kill, checkpointed round seen before the kill, resumed from)
+    resumed: list[tuple[int, int]] = field(default_factory=list)
+    durable: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     witness_rejections: dict[str, int] = field(default_factory=dict)
 
@@ -39,18 +41,15 @@ def crash_cycles(base: Path, cycles: int, seed: int = 0,
             victim = cluster.start("victim", *ARGS, peers=[witness])
             status = _wait_status(cluster, victim)
             if cycle > 0:
-                seen_before = report.resumed[-1][0] if report.resumed else 0
-                got = status["resumed_from"]
-                report.resumed[-1] = (seen_before, got)
-                if got < seen_before - 1:
-                    report.problems.append(f"cycle {cycle}: saw round {seen_before} before the"
-                                           f" kill, resumed from {got}")
+                _check(report, cycle, status["resumed_from"])
             time.sleep(rng.uniform(0.0, 1.2))
             try:
-                seen = victim.status()["round"]
+                before = victim.status()
             except OSError:
-                seen = status["round"]
+                before = status
             victim.kill()
+            seen = before["round"]
+            report.durable.append(before["checkpoint_round"])
             cluster.nodes.remove(victim)
             report.resumed.append((seen, -1))
             report.cycles += 1
@@ -59,15 +58,22 @@ def crash_cycles(base: Path, cycles: int, seed: int = 0,
         # one last start: it must come back from a good checkpoint
         victim = cluster.start("victim", *ARGS, peers=[witness])
         status = _wait_status(cluster, victim)
-        report.resumed[-1] = (report.resumed[-1][0], status["resumed_from"])
-        if status["resumed_from"] < report.resumed[-1][0] - 1:
-            report.problems.append(f"last restart resumed from {status['resumed_from']}")
+        _check(report, cycles, status["resumed_from"])
         cluster.wait(lambda: victim.status()["round"] > status["resumed_from"], 60,
                      "the victim trains again")
         if "is unusable" in victim.log:
             report.problems.append("a checkpoint was unusable after a kill -9:\n" + victim.log)
         report.witness_rejections = witness.status()["traffic"]["rejected_reasons"]
     return report
+
+
+def _check(report: CrashReport, cycle: int, got: int) -> None:
+    """A restart must resume from at least the round the node reported as checkpointed."""
+    seen, _ = report.resumed[-1]
+    report.resumed[-1] = (seen, got)
+    if got < report.durable[-1]:
+        report.problems.append(f"cycle {cycle}: checkpointed round {report.durable[-1]} was"
+                               f" reported before the kill, resumed from {got}")
 
 
 def _wait_status(cluster: Cluster, node) -> dict:  # noqa: ANN001

@@ -123,7 +123,7 @@ def _tensor_update(a: Attacker, tensor: dict) -> bytes:
 
 CASES = {
     "garbage": (lambda a: [b"\x00\xffnot msgpack at all" * 3], "frame must be a msgpack array"),
-    "oversize": (lambda a: [b"\x92" + b"\x00" * (CAP + 10)], "exceeds the cap"),
+    "oversize": (lambda a: [b"\x92" + b"\x00" * (CAP + 2000)], "exceeds the cap"),
     "bad_signature": (_bad_signature, "bad signature"),
     "tampered_body": (_tampered, "bad signature"),
     "replay": (_replayed, "replayed sequence number"),
