@@ -19,7 +19,9 @@ import numpy as np
 
 from protocol.errors import ProtocolError
 from protocol.identity import Identity
+from protocol.envelope import decode
 from protocol.gossip import federation_key
+from protocol.messages import Model
 from protocol.rounds import (
     Aggregate,
     Commit,
@@ -113,23 +115,58 @@ class Simulation:
         self.cut: set[frozenset[int]] = set()
         self.links: set[frozenset[int]] = set()
         self.nodes: list[SimNode] = []
+        self._params = dict(rounds=rounds, timeouts=timeouts, fanout=fanout, fed_key=fed_key,
+                            min_peers=n - 1 if min_peers is None else min_peers, seed=seed)
         for i in range(n):
             ident = Identity.from_seed(hashlib.sha256(f"{seed}/{i}".encode()).digest())
             learner = VectorLearner(i)
             genesis = learner.initial_weights()
-            machine = RoundMachine(
-                self_key=ident.public_key, federation=FEDERATION, rounds_total=rounds,
-                genesis=to_tensors(genesis),
-                min_peers=n - 1 if min_peers is None else min_peers, timeouts=timeouts,
-            )
-            core = NodeCore(identity=ident, name=f"n{i}", federation=FEDERATION, port=0,
-                            machine=machine, seq=SequenceCounter(None),
-                            trust=TrustPolicy(federation_key=fed_key),
-                            wall_ms=lambda: int(1_700_000_000_000 + self.now * 1000),
-                            fanout=fanout, rng=random.Random(f"{seed}/{i}"),
-                            member_timeout=3 * announce_interval)
+            core = self._core(i, ident, SequenceCounter(None), genesis)
             self.nodes.append(SimNode(i, core, learner, genesis))
         self.by_key = {node.key: node for node in self.nodes}
+
+    def _core(self, i: int, ident: Identity, seq: SequenceCounter,
+              genesis: dict[str, np.ndarray], completed: int = 0,
+              digest: bytes | None = None) -> NodeCore:
+        p = self._params
+        machine = RoundMachine(
+            self_key=ident.public_key, federation=FEDERATION, rounds_total=p["rounds"],
+            genesis=to_tensors(genesis), min_peers=p["min_peers"], timeouts=p["timeouts"],
+            completed=completed, model_digest=digest,
+        )
+        return NodeCore(identity=ident, name=f"n{i}", federation=FEDERATION, port=0,
+                        machine=machine, seq=seq, trust=TrustPolicy(federation_key=p["fed_key"]),
+                        wall_ms=lambda: int(1_700_000_000_000 + self.now * 1000),
+                        fanout=p["fanout"], rng=random.Random(f"{p['seed']}/{i}/{self.now}"),
+                        member_timeout=3 * self.announce_interval)
+
+    def restart(self, i: int, peers: list[int] | None = None) -> None:
+        """Bring a crashed node back as a restart would: same key and sequence counter
+        (both on disk), the last checkpointed model, no links until they reconnect."""
+        old = self.nodes[i]
+        assert not old.alive, "crash it first"
+        frame = old.core.latest_model_frame
+        completed, digest, weights = 0, None, old.learner.initial_weights()
+        if frame is not None:
+            model = decode(frame).message
+            assert isinstance(model, Model)
+            completed, digest = model.round, model.digest
+            weights = {k: np.array(v) for k, v in from_tensors(model.weights).items()}
+        core = self._core(i, old.core.identity, old.core.seq, old.learner.initial_weights(),
+                          completed, digest)
+        core.latest_model_frame = frame
+        node = SimNode(i, core, old.learner, weights, commits=old.commits,
+                       aggregated=old.aggregated, notes=old.notes, rejected=old.rejected,
+                       epoch=old.epoch + 1)
+        self.nodes[i] = node
+        self.by_key[node.key] = node
+        for j in (peers if peers is not None else range(len(self.nodes))):
+            if j != i and self.nodes[j].alive:
+                self.connect(i, j)
+        core.machine.start(self.now)
+        self._drain(node)
+        self.at(self.rng.uniform(0, self.announce_interval),
+                lambda: self._announce_loop(node, node.epoch))
 
     # -- scheduling -------------------------------------------------------------------
 
