@@ -132,7 +132,10 @@ class Node:
             identity=self.identity, name=config.name, federation=config.federation,
             port=config.port, machine=self.machine, seq=SequenceCounter(state_dir),
             trust=self.trust, max_message_size=config.max_message_size,
-            fanout=config.fanout, member_timeout=3 * config.announce_interval,
+            fanout=config.fanout,
+            # Relayed members expire after three silent intervals, and never sooner than
+            # 6 s, so a busy node or a slow relay does not drop them spuriously.
+            member_timeout=max(3 * config.announce_interval, 6.0),
         )
         self.checkpoints = CheckpointStore(state_dir)
         self.db = NodeDB(state_dir)
