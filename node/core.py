@@ -480,6 +480,10 @@ class NodeCore:
             if st is None or not st.member:
                 raise ProtocolError(f"update from {node_id_from_key(env.sender)},"
                                     " not a member")
+            if msg.round <= self.machine.completed:
+                # Late: that round is over here. Its sender missed the model (say the
+                # aggregator died after sending it to only some): hand it over.
+                self._serve_late(env.sender)
             self.machine.on_update(env.sender, msg, now)
         elif isinstance(msg, Model):
             # A model keeps its aggregator's signature when a member re-serves or relays
@@ -498,6 +502,16 @@ class NodeCore:
             raise ProtocolError("a relay inside a relay")
         else:
             raise ProtocolError(f"{env.type} is not accepted on a peer link")
+
+    def _serve_late(self, key: bytes) -> None:
+        if key in self.links:
+            self.serve_model(key)
+            return
+        st = self.known.get(key)
+        frame = self.latest_model_frame
+        if frame is not None and st is not None and st.served_round < self.machine.completed:
+            st.served_round = self.machine.completed
+            self.send_to(key, frame)
 
     def _on_announce(self, sender: bytes, msg: Announce, now: float) -> None:
         trust = self._trusted_by_credential(sender, msg.credential)
@@ -518,6 +532,8 @@ class NodeCore:
         self._set_member(sender, self._reachable(sender, now), now)
         if st.member:
             self.machine.peer_status(sender, now, round=msg.round, state=msg.state)
+            if sender in self.links and msg.round < self.machine.completed:
+                self.serve_model(sender)  # anti-entropy, as for heartbeats
 
     def _on_relay(self, link: bytes, relay: Relay, now: float) -> None:
         inner = relay.frame

@@ -79,6 +79,9 @@ class SimNode:
     notes: list[tuple[float, str, str]] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     epoch: int = 0  # bumped on crash so stale scheduled work is dropped
+    #: When set, the node's next published model reaches only this many links, then the
+    #: node crashes (an aggregator dying halfway through sending the model).
+    crash_after_sending: int | None = None
 
     @property
     def key(self) -> bytes:
@@ -101,8 +104,12 @@ class Simulation:
         fanout: int = 4,
         announce_interval: float = 2.0,
         secret: bytes = b"simulated federation secret",
+        heartbeat_interval: float | None = None,
     ) -> None:
         self.announce_interval = announce_interval
+        #: Heartbeats on every link (progress and anti-entropy, as the daemon sends them);
+        #: off by default to keep large simulations cheap.
+        self.heartbeat_interval = heartbeat_interval
         fed_key = federation_key(secret, FEDERATION)
         #: Every frame put on a link: (time, from index, to index, size).
         self.traffic: list[tuple[float, int, int, int]] = []
@@ -197,6 +204,18 @@ class Simulation:
             self._drain(node)
             self.at(self.rng.uniform(0, self.announce_interval),
                     lambda node=node: self._announce_loop(node, node.epoch))
+            if self.heartbeat_interval:
+                self.at(self.rng.uniform(0, self.heartbeat_interval),
+                        lambda node=node: self._heartbeat_loop(node, node.epoch))
+
+    def _heartbeat_loop(self, node: SimNode, epoch: int) -> None:
+        """Each node sends a heartbeat on each of its links once per interval."""
+        if not node.alive or node.epoch != epoch or not self.heartbeat_interval:
+            return
+        frame = bytes(node.core.heartbeat(node.core.machine.phase.value))
+        for peer in self._linked(node):
+            self._deliver(node, peer, frame)
+        self.at(self.heartbeat_interval, lambda: self._heartbeat_loop(node, epoch))
 
     def _announce_loop(self, node: SimNode, epoch: int) -> None:
         """Each node announces itself and expires silent members once per interval."""
@@ -331,6 +350,14 @@ class Simulation:
             frame = node.core.publish(action.model)
             node.aggregated[action.model.round] = action.model.digest
             node.core.spread_model(frame)
+            if node.crash_after_sending is not None:
+                sends = node.core.take_sends()
+                for key, f in sends[: node.crash_after_sending]:
+                    self._deliver(node, self.by_key[key], f)
+                node.crash_after_sending = None
+                # what was written to the sockets still arrives; then the node is gone
+                node.epoch += 1  # it does nothing more meanwhile
+                self.at(self.latency[1] * 1.01, lambda: self.crash(node.index))
         elif isinstance(action, Commit):
             node.weights = {k: np.array(v) for k, v in from_tensors(action.model.weights).items()}
             assert action.model.round not in node.commits, "two models applied for one round"
