@@ -144,6 +144,7 @@ class Node:
         self.transport = PeerTransport(self.core, on_frame=self._on_frame,
                                        on_link_up=self._on_link_up,
                                        on_link_down=self._on_link_down)
+        self.transport.idle_timeout = max(10.0, 5 * config.heartbeat_interval)
         self.history: list[RoundRecord] = []
         self.evaluated_round = 0
         self.accuracy: float | None = None

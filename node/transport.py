@@ -78,6 +78,8 @@ class PeerTransport:
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self.port = 0
+        #: Seconds without any frame after which a link is considered dead.
+        self.idle_timeout = 10.0
 
     # -- server -----------------------------------------------------------------------
 
@@ -248,7 +250,14 @@ class PeerTransport:
     async def _reader(self, link: Link) -> None:
         ws = link.ws
         while not link.closed.is_set():
-            msg = await ws.receive()
+            try:
+                msg = await ws.receive(timeout=self.idle_timeout)
+            except TimeoutError:
+                # Peers send a heartbeat every second: this much silence means the link is
+                # dead even if TCP has not noticed (a partition, a pulled cable).
+                log.warning("link to %s silent for %.0f s: closing it", link.node_id,
+                            self.idle_timeout)
+                return
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 return
             if msg.type == WSMsgType.ERROR:
