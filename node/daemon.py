@@ -156,6 +156,7 @@ class Node:
         # the worker has nothing else to do, so they never delay the next round.
         self._jobs: collections.deque[tuple[str, Any]] = collections.deque()
         self._ckpt_pending: tuple[int, bytes, bytes] | None = None
+        self._events: list[tuple[float, str, str]] = []
         self._ckpt_wanted = asyncio.Event()
         self._background: collections.deque[tuple[str, Any]] = collections.deque()
         self._work = asyncio.Event()
@@ -290,6 +291,8 @@ class Node:
             await self.transport.close()
             await web_runner.cleanup()
             await peer_runner.cleanup()
+            if self._events:
+                self.db.add_events(self._events)  # the loop is stopping: nothing else runs
             self.db.close()
             with contextlib.suppress(FileNotFoundError):
                 (self.state_dir / ENDPOINT_FILE).unlink()
@@ -308,7 +311,7 @@ class Node:
                     raise ProtocolError("does not hold the model of its round")
                 if msg.digest != digest or weights_digest(msg.weights) != digest:
                     raise ProtocolError("weights do not match their digest")
-                self.machine._check_spec(msg.weights, "checkpoint")
+                self.machine.check_spec(msg.weights, "checkpoint")
             except ProtocolError as exc:
                 raise CheckpointError(exc.reason) from None
             if round_number > self.config.rounds:
@@ -362,7 +365,9 @@ class Node:
             elif isinstance(action, Note) and action.kind == "aggregating":
                 log.info("%s", action.detail)
             elif isinstance(action, Note):
-                self.db.event(action.kind, action.detail)
+                # Written by the checkpointer's thread, not here on the event loop.
+                self._events.append((time.time(), action.kind, action.detail))
+                self._ckpt_wanted.set()
                 level = logging.WARNING if action.kind in ("aggregator_failed",
                                                            "model_conflict") else logging.INFO
                 log.log(level, "%s: %s", action.kind.replace("_", " "), action.detail)
@@ -437,10 +442,14 @@ class Node:
             self._ckpt_wanted.set()
 
     async def _checkpointer(self) -> None:
-        """Write checkpoints on their own thread, never queued behind training."""
+        """Write checkpoints (and queued events) on their own thread, never queued behind
+        training and never on the event loop."""
         while True:
             await self._ckpt_wanted.wait()
             self._ckpt_wanted.clear()
+            events, self._events = self._events, []
+            if events:
+                await asyncio.to_thread(self.db.add_events, events)
             pending, self._ckpt_pending = self._ckpt_pending, None
             if pending is not None:
                 await asyncio.to_thread(self.checkpoints.save, *pending)

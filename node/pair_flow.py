@@ -13,6 +13,7 @@ another (docs/trust.md).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -69,7 +70,7 @@ async def handle_pair_request(node: Node, request: web.Request) -> web.Response:
         log.warning("pairing request from %s refused: %s", request.remote, reason)
         node.core.reject(None, reason)
         return web.Response(status=403, text=reason)
-    peer = node.trust_store.add(env.sender, msg.name, "pairing")
+    peer = await asyncio.to_thread(node.trust_store.add, env.sender, msg.name, "pairing")
     log.info("paired with %s (%s)", peer.name, peer.node_id)
     for address in addresses:
         node.dial(address, env.sender)
@@ -113,7 +114,8 @@ async def pair_with(node: Node, uri: str) -> tuple[str, str]:
                                    f" not {target.node_id}: refused as an impostor")
             if not isinstance(env.message, PairAccept) or env.message.requester != node.identity.public_key:
                 raise PairingError(f"unexpected answer from {address}")
-            node.trust_store.add(target.public_key, target.name, "pairing")
+            await asyncio.to_thread(node.trust_store.add, target.public_key, target.name,
+                                    "pairing")
             log.info("paired with %s (%s)", target.name, target.node_id)
             node.dial(address, target.public_key)
             return target.node_id, target.name

@@ -168,9 +168,13 @@ class NodeDB:
 
     def event(self, kind: str, detail: str) -> None:
         """Append an event."""
+        self.add_events([(time.time(), kind, detail)])
+
+    def add_events(self, events: list[tuple[float, str, str]]) -> None:
+        """Append events (ts, kind, detail) in one transaction."""
         with self._lock, self._db:
-            self._db.execute("INSERT INTO events (ts, kind, detail) VALUES (?, ?, ?)",
-                             (time.time(), kind, detail))
+            self._db.executemany("INSERT INTO events (ts, kind, detail) VALUES (?, ?, ?)",
+                                 events)
 
     def events(self, limit: int = 100) -> list[dict[str, Any]]:
         """The most recent events, oldest first."""

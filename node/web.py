@@ -7,6 +7,7 @@ control endpoints build on it (see docs/api.md).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,7 @@ async def metrics(request: web.Request) -> web.Response:
     """GET /api/metrics: one record per completed round."""
     node = request.app[NODE_KEY]
     return web.json_response({"node_id": node.node_id,
-                              "rounds": node.db.rounds()})
+                              "rounds": await asyncio.to_thread(node.db.rounds)})
 
 
 def _authorized(request: web.Request) -> bool:
@@ -102,7 +103,7 @@ async def pair_remove(request: web.Request) -> web.Response:
         return _refuse()
     node = request.app[NODE_KEY]
     try:
-        removed = node.trust_store.remove(request.match_info["ident"])
+        removed = await asyncio.to_thread(node.trust_store.remove, request.match_info["ident"])
     except ValueError as exc:
         return web.json_response({"error": str(exc)}, status=400)
     if removed is None:

@@ -97,34 +97,28 @@ def _pack_chunks(obj: Any, out: list[bytes | memoryview]) -> None:
         out.append(msgpack.packb(obj, use_bin_type=True, datetime=False))
 
 
-def _sha256_chunks(chunks: list[bytes | memoryview], total: int) -> bytes:
-    """SHA-256 of the concatenated chunks; large inputs hash on a second thread.
+class _Hasher:
+    """SHA-256 of the concatenated chunks, on its own thread when the input is large.
 
     hashlib releases the GIL on large buffers, so the hash overlaps with the copy (encode)
     or the parse (decode) that the calling thread does meanwhile.
     """
-    h = hashlib.sha256()
-    for c in chunks:
-        h.update(c)
-    return h.digest()
-
-
-class _Hasher:
-    """Runs _sha256_chunks on its own thread when the input is large."""
 
     def __init__(self, chunks: list[bytes | memoryview], total: int) -> None:
         self._digest: bytes | None = None
         self._chunks = chunks
         self._thread: threading.Thread | None = None
         if total >= _PARALLEL_HASH_MIN:
-            self._thread = threading.Thread(target=self._run, args=(total,),
-                                            name="fl-hash", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="fl-hash", daemon=True)
             self._thread.start()
         else:
-            self._run(total)
+            self._run()
 
-    def _run(self, total: int) -> None:
-        self._digest = _sha256_chunks(self._chunks, total)
+    def _run(self) -> None:
+        h = hashlib.sha256()
+        for c in self._chunks:
+            h.update(c)
+        self._digest = h.digest()
 
     def digest(self) -> bytes:
         if self._thread is not None:

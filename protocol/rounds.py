@@ -250,7 +250,7 @@ class RoundMachine:
 
     def on_update(self, sender: bytes, update: Update, now: float) -> None:
         """An update from a member. Raises ProtocolError if it cannot be valid."""
-        self._check_spec(update.weights, "update")
+        self.check_spec(update.weights, "update")
         if update.round < self.current or update.round > self.current + 1:
             self._note("update_ignored", f"round {update.round} while at {self.current}")
             return
@@ -270,7 +270,7 @@ class RoundMachine:
         if model.round > self.rounds_total:
             raise ProtocolError(f"model: round {model.round} is beyond the run's"
                                 f" {self.rounds_total} rounds")
-        self._check_spec(model.weights, "model")
+        self.check_spec(model.weights, "model")
         if model.round <= self.completed:
             if model.round == self.completed and model.digest != self.model_digest:
                 self._note("model_conflict", f"a second model for round {model.round}")
@@ -327,7 +327,8 @@ class RoundMachine:
     def _note(self, kind: str, detail: str) -> None:
         self.outbox.append(Note(kind, detail))
 
-    def _check_spec(self, weights: list[Tensor], what: str) -> None:
+    def check_spec(self, weights: list[Tensor], what: str) -> None:
+        """ProtocolError unless ``weights`` have the federation's names, dtypes, shapes."""
         got = [(t.name, t.dtype, t.shape) for t in weights]
         if got != self.spec:
             raise ProtocolError(f"{what}: tensors do not match the federation's model")

@@ -28,6 +28,29 @@ def fixed_identity(state_dir: Path, label: str) -> Identity:
     return Identity.from_seed(seed)
 
 
+def poll_until(pred, timeout: float, what: str, nodes, interval: float = 0.2) -> None:  # noqa: ANN001
+    """Call ``pred`` until it is true; on timeout fail with the nodes' recent logs.
+
+    A node that does not answer yet (OSError) or answers something incomplete
+    (ValueError, KeyError) just means: not yet."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except (OSError, ValueError, KeyError) as exc:
+            last = exc
+        time.sleep(interval)
+    logs = "\n".join(f"--- {n.name}\n{n.log[-3000:]}\n{_tail(n.state_dir / 'stderr.log')}"
+                     for n in nodes)
+    raise AssertionError(f"timed out waiting for {what} ({last})\n{logs}")
+
+
+def _tail(path: Path, size: int = 1500) -> str:
+    return path.read_text(errors="replace")[-size:] if path.exists() else ""
+
+
 @dataclass
 class NodeProc:
     """One running node process."""
@@ -101,17 +124,7 @@ class Cluster:
         return self.start(name, "--port", str(port), *args, **kw)  # the later --port wins
 
     def wait(self, pred, timeout: float = 120.0, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        last_exc: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                if pred():
-                    return
-            except OSError as exc:  # a node not answering yet
-                last_exc = exc
-            time.sleep(0.1)
-        logs = "\n".join(f"--- {n.name}\n{n.log[-3000:]}" for n in self.nodes)
-        raise AssertionError(f"timed out waiting for {what} ({last_exc})\n{logs}")
+        poll_until(pred, timeout, what, self.nodes, interval=0.1)
 
     def __enter__(self) -> Cluster:
         return self

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from node.store import NodeDB
+
 from .cluster import Cluster
 from .crashloop import crash_cycles
 
@@ -38,3 +40,8 @@ def test_a_stopped_node_resumes_where_it_stopped(tmp_path):
     assert second["node_id"] == first["node_id"]
     assert [r["round"] for r in history] == [1, 2, 3, 4, 5]  # history survived the restart
     assert history[2]["model_hash"] == first["model_hash"]
+    # events reached the database (written off the event loop, flushed at stop)
+    db = NodeDB(again.state_dir)
+    kinds = [e["kind"] for e in db.events()]
+    db.close()
+    assert kinds.count("done") == 2

@@ -6,12 +6,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.cluster import REPO, fixed_identity
+from tests.e2e.cluster import REPO, fixed_identity, poll_until
 from tests.system.netns import Hosts
 
 PEER_PORT = 7700
@@ -70,16 +69,6 @@ def start_node(hosts: Hosts, host: str, base: Path, *args: str, secret: str | No
     return HostNode(hosts, host, name, sd)
 
 
-def wait(pred, timeout: float, what: str, nodes: list[HostNode]) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return
-        except (OSError, ValueError, KeyError) as exc:
-            last = exc
-        time.sleep(0.3)
-    logs = "\n".join(f"--- {n.name}\n{n.log[-3000:]}\n{(n.state_dir / 'stderr.log').read_text()[-1500:]}"
-                     for n in nodes)
-    raise AssertionError(f"timed out waiting for {what} ({last})\n{logs}")
+def wait(pred, timeout: float, what: str, nodes: list[HostNode]) -> None:  # noqa: ANN001
+    """Poll ``pred`` (see tests.e2e.cluster.poll_until) every 0.3 s."""
+    poll_until(pred, timeout, what, nodes, interval=0.3)

@@ -18,7 +18,7 @@ import pytest
 
 from tests.system.avahi import Avahi, parse_resolved
 from tests.system.netns import (
-    NETNS_DIR, OWNER_DIR, Hosts, cleanup_stale, list_namespaces, require_root_and_tools,
+    OWNER_DIR, Hosts, cleanup_stale, list_namespaces, require_root_and_tools,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.system]
