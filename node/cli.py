@@ -96,8 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--fanout", type=int, help="peers each gossip message is forwarded to"
                        " (default 4)")
     start.add_argument("--min-peers", type=_positive_int,
-                       help="peers to wait for before round 1 (default: number of --peer)")
-    start.add_argument("--start-timeout", type=float, help=f"seconds to wait for --min-peers"
+                       help="peers an elected round needs; below that the node trains offline"
+                       " and averages with the peers it reaches (default: a majority of the"
+                       " --peer federation, (peers+1)//2; 0 without --peer)")
+    start.add_argument("--wait-peers", type=_positive_int,
+                       help="peers a fresh node waits for before round 1 (default: every"
+                       " --peer, at least --min-peers)")
+    start.add_argument("--start-timeout", type=float, help=f"seconds to wait for --wait-peers"
                        f" before starting anyway (default {d.start_timeout:g})")
     start.add_argument("--num-partitions", type=int, help="how many shards the data is"
                        " split into (one per node)")

@@ -94,6 +94,7 @@ class NodeConfig:
     web_port: int = 7800
     peers: tuple[str, ...] = ()
     min_peers: int | None = None
+    wait_peers: int | None = None
     federation_secret_file: str | None = None
     open: bool = False
     mdns: bool = True
@@ -123,8 +124,23 @@ class NodeConfig:
 
     @property
     def effective_min_peers(self) -> int:
-        """``min_peers``, or by default the number of static peers."""
-        return len(self.peers) if self.min_peers is None else self.min_peers
+        """Peers an elected round needs (the quorum is this plus the node itself): by
+        default a majority of the federation the static peers describe, that is half of
+        ``--peer`` addresses plus one, rounded down (0 without any)."""
+        return (len(self.peers) + 1) // 2 if self.min_peers is None else self.min_peers
+
+    @property
+    def quorum(self) -> int:
+        """Members (this node included) an elected round needs."""
+        return self.effective_min_peers + 1
+
+    @property
+    def effective_wait_peers(self) -> int:
+        """Peers a fresh node waits for (up to ``start_timeout``) before round 1: by default
+        every static peer, and at least ``min_peers``."""
+        if self.wait_peers is not None:
+            return self.wait_peers
+        return max(len(self.peers), self.effective_min_peers)
 
     @property
     def resolved_state_dir(self) -> str:
@@ -152,6 +168,7 @@ class NodeConfig:
             except ValueError as exc:
                 problems.append(str(exc))
         need(self.min_peers is None or self.min_peers >= 0, "--min-peers: must be >= 0")
+        need(self.wait_peers is None or self.wait_peers >= 0, "--wait-peers: must be >= 0")
         need(self.dataset in DATASETS, f"--dataset {self.dataset!r}: one of {', '.join(DATASETS)}")
         need(self.partition in PARTITIONS, f"--partition {self.partition!r}: iid or dirichlet")
         need(self.alpha > 0, f"--alpha {self.alpha}: must be > 0")

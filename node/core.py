@@ -48,6 +48,7 @@ from protocol.messages import (
     Message,
     Model,
     Relay,
+    Share,
     Update,
 )
 from protocol.rounds import RoundMachine
@@ -170,6 +171,9 @@ class NodeCore:
         self._sends: list[tuple[bytes, bytes | bytearray]] = []
         #: The signed frame of the global model we hold, re-served to peers that are behind.
         self.latest_model_frame: bytes | None = None
+        #: Its aggregator: when that one goes down, we re-serve its model to our links
+        #: (it may have died having sent it to only some of us).
+        self.latest_model_aggregator: bytes | None = None
         self._credential = (
             federation_credential(self.trust.federation_key, federation, identity.public_key)
             if self.trust.federation_key else b""
@@ -388,6 +392,12 @@ class NodeCore:
         st.direct = False
         st.link_down_at = now
         self._set_member(key, self._reachable(key, now), now)
+        if key == self.latest_model_aggregator:
+            # The aggregator of the model we hold is gone: if it died sending it, the
+            # peers it did not reach get it from us (once per round and link).
+            self.latest_model_aggregator = None
+            for link in sorted(self.links):
+                self.serve_model(link)
 
     def _reachable(self, key: bytes, now: float) -> bool:
         st = self.known.get(key)
@@ -485,6 +495,10 @@ class NodeCore:
                 # aggregator died after sending it to only some): hand it over.
                 self._serve_late(env.sender)
             self.machine.on_update(env.sender, msg, now)
+        elif isinstance(msg, Share):
+            if st is None or not st.member:
+                raise ProtocolError(f"share from {node_id_from_key(env.sender)}, not a member")
+            self.machine.on_share(env.sender, msg, now)
         elif isinstance(msg, Model):
             # A model keeps its aggregator's signature when a member re-serves or relays
             # it, so its signer need not be linked to us, known, or even still alive. It
@@ -496,6 +510,10 @@ class NodeCore:
             self.machine.on_model(env.sender, msg, now)
             if self.machine.completed == msg.round and self.machine.completed != before:
                 self.latest_model_frame = bytes(frame)
+                self.latest_model_aggregator = msg.aggregator
+            elif msg.round > self.machine.completed:
+                # Deferred (we were below quorum): taken when it is served again.
+                self.seen.discard(frame_id(frame))
         elif isinstance(msg, Hello):
             raise ProtocolError("hello after the handshake")
         elif isinstance(msg, Relay):
@@ -504,12 +522,18 @@ class NodeCore:
             raise ProtocolError(f"{env.type} is not accepted on a peer link")
 
     def _serve_late(self, key: bytes) -> None:
+        """A late update proves its sender lacks our model (it may have deferred it while
+        below quorum): serve it again, whatever was served before. A member sends at most
+        one update per aggregator it tries, so this is bounded by its deadlines."""
+        st = self.known.get(key)
+        if st is None:
+            return
+        st.served_round = -1
         if key in self.links:
             self.serve_model(key)
             return
-        st = self.known.get(key)
         frame = self.latest_model_frame
-        if frame is not None and st is not None and st.served_round < self.machine.completed:
+        if frame is not None:
             st.served_round = self.machine.completed
             self.send_to(key, frame)
 

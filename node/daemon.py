@@ -30,6 +30,7 @@ from protocol.identity import Identity, node_id_from_key
 from protocol.messages import Heartbeat, Hello, Model
 from protocol.rounds import (
     Aggregate,
+    Average,
     Commit,
     Note,
     Phase,
@@ -37,6 +38,7 @@ from protocol.rounds import (
     RoundMachine,
     RoundTimeouts,
     SendUpdate,
+    ShareModel,
     StartTraining,
 )
 
@@ -103,10 +105,12 @@ class Node:
             federation=config.federation,
             rounds_total=config.rounds,
             genesis=to_tensors(genesis),
-            min_peers=config.effective_min_peers,
+            wait_peers=config.effective_wait_peers,
+            quorum=config.quorum,
             timeouts=RoundTimeouts(collect=config.round_timeout,
                                    model=config.round_timeout * 1.5,
-                                   start=config.start_timeout),
+                                   start=config.start_timeout,
+                                   floor=min(5.0, config.round_timeout)),
         )
         self.trust_store = TrustStore(state_dir)
         self.pairing_tokens = TokenBook()
@@ -180,7 +184,8 @@ class Node:
         return self.machine.phase.value
 
     def model_hash(self) -> str:
-        return self.machine.model_digest.hex()
+        """The digest of the model this node holds (its offline average when offline)."""
+        return self.machine.base_digest.hex()
 
     def status(self) -> dict[str, Any]:
         """The object served at ``GET /api/status``."""
@@ -212,8 +217,14 @@ class Node:
             "aggregator": node_id_from_key(agg) if agg else None,
             "is_aggregator": agg == self.identity.public_key if agg else False,
             "attempt": m.attempt,
+            "mode": "offline" if m.offline else "elected",
+            "quorum": {"need": m.quorum, "have": len(m.participants())},
+            "members": sorted(node_id_from_key(k) for k in m.members()),
+            "offline_steps": m.offline_steps,
+            "collect_deadline_s": round(m.deadlines.collect(), 3),
             "peers": peers,
             "model_hash": self.model_hash(),
+            "global_model_hash": m.model_digest.hex(),
             "genesis_hash": m.genesis_digest.hex(),
             "model_raw_bytes": int(sum(v.nbytes for v in self.weights.values())),
             "accuracy": self.accuracy,
@@ -356,6 +367,10 @@ class Node:
                 self._queue("train", action)
             elif isinstance(action, SendUpdate):
                 self._queue("send_update", action)
+            elif isinstance(action, ShareModel):
+                self._queue("share", action)
+            elif isinstance(action, Average):
+                self._queue("average", action)
             elif isinstance(action, Aggregate):
                 self._queue("aggregate", action)
             elif isinstance(action, PublishModel):
@@ -489,7 +504,8 @@ class Node:
 
     async def _run_job(self, kind: str, action: Any) -> None:
         if kind == "train":
-            if action.round != self.machine.current or self.machine.phase is not Phase.TRAINING:
+            if action.round != self.machine.current or self.machine.phase is not (
+                    Phase.OFFLINE if action.offline else Phase.TRAINING):
                 return
             self._stats(action.round)["started_at"] = time.time()
             self._stop_training.clear()
@@ -507,6 +523,18 @@ class Node:
             self._stats(action.update.round)["update_bytes"] = len(frame)
             if not self.core.send_to(action.to, frame):
                 log.warning("no route to aggregator %s", node_id_from_key(action.to))
+        elif kind == "share":
+            frame = await self._encode(self.core.frame, action.share)
+            for key in action.to:
+                self.core.send_to(key, frame)
+        elif kind == "average":
+            models = [(from_tensors(m.weights), m.num_examples) for m in action.models.values()]
+            merged = await asyncio.to_thread(self.learner.aggregate, models)
+            self.weights = {k: np.asarray(v, order="C") for k, v in merged.items()}
+            log.info("offline step %d: averaged with %d peer(s)", self.machine.offline_steps + 1,
+                     len(models) - 1)
+            self.machine.average_done(action.round, action.step,
+                                      weights_digest(to_tensors(self.weights)), now())
         elif kind == "aggregate":
             updates = [(from_tensors(u.weights), u.num_examples) for u in action.updates.values()]
             merged = await asyncio.to_thread(self.learner.aggregate, updates)

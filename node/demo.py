@@ -62,7 +62,7 @@ def node_command(i: int, n: int, state_dir: Path, peers: list[str], opts: dict[s
     cmd = [sys.executable, "-m", "node.cli", "start", "--name", f"node-{i + 1}",
            "--state-dir", str(state_dir), "--host", "127.0.0.1", "--port", "0",
            "--web-port", "0", "--num-partitions", str(n), "--partition-index", str(i),
-           "--min-peers", str(n - 1), "--log-file", str(state_dir / "node.log"),
+           "--wait-peers", str(n - 1), "--log-file", str(state_dir / "node.log"),
            "--no-mdns"]
     for peer in peers:
         cmd += ["--peer", peer]

@@ -24,14 +24,17 @@ from protocol.gossip import federation_key
 from protocol.messages import Model
 from protocol.rounds import (
     Aggregate,
+    Average,
     Commit,
     Note,
     PublishModel,
     RoundMachine,
     RoundTimeouts,
     SendUpdate,
+    ShareModel,
     StartTraining,
 )
+from protocol.tensors import weights_digest
 
 from .core import NodeCore, TrustPolicy
 from .state import SequenceCounter
@@ -78,6 +81,7 @@ class SimNode:
     aggregated: dict[int, bytes] = field(default_factory=dict)
     notes: list[tuple[float, str, str]] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    offline_steps: int = 0
     epoch: int = 0  # bumped on crash so stale scheduled work is dropped
     #: When set, the node's next published model reaches only this many links, then the
     #: node crashes (an aggregator dying halfway through sending the model).
@@ -100,7 +104,8 @@ class Simulation:
         latency: tuple[float, float] = (0.005, 0.05),
         train_time: tuple[float, float] = (1.0, 3.0),
         timeouts: RoundTimeouts = RoundTimeouts(collect=30.0, model=45.0, start=10.0),
-        min_peers: int | None = None,
+        wait_peers: int | None = None,
+        quorum: int = 1,
         fanout: int = 4,
         announce_interval: float = 2.0,
         secret: bytes = b"simulated federation secret",
@@ -123,7 +128,8 @@ class Simulation:
         self.links: set[frozenset[int]] = set()
         self.nodes: list[SimNode] = []
         self._params = dict(rounds=rounds, timeouts=timeouts, fanout=fanout, fed_key=fed_key,
-                            min_peers=n - 1 if min_peers is None else min_peers, seed=seed)
+                            wait_peers=n - 1 if wait_peers is None else wait_peers, seed=seed,
+                            quorum=quorum)
         for i in range(n):
             ident = Identity.from_seed(hashlib.sha256(f"{seed}/{i}".encode()).digest())
             learner = VectorLearner(i)
@@ -138,8 +144,8 @@ class Simulation:
         p = self._params
         machine = RoundMachine(
             self_key=ident.public_key, federation=FEDERATION, rounds_total=p["rounds"],
-            genesis=to_tensors(genesis), min_peers=p["min_peers"], timeouts=p["timeouts"],
-            completed=completed, model_digest=digest,
+            genesis=to_tensors(genesis), wait_peers=p["wait_peers"], quorum=p["quorum"],
+            timeouts=p["timeouts"], completed=completed, model_digest=digest,
         )
         return NodeCore(identity=ident, name=f"n{i}", federation=FEDERATION, port=0,
                         machine=machine, seq=seq, trust=TrustPolicy(federation_key=p["fed_key"]),
@@ -270,10 +276,27 @@ class Simulation:
         node.alive = False
         node.epoch += 1
 
-    def silence(self, i: int) -> None:
-        """Node ``i`` stops doing anything but keeps its links up (a hung process)."""
+    def silence(self, i: int, idle_timeout: float | None = None) -> None:
+        """Node ``i`` stops doing anything but keeps its links up (a hung process).
+
+        With ``idle_timeout``, its peers close their links to it after that many seconds
+        of silence, as the daemon's transport does."""
         self.nodes[i].alive = False
         self.nodes[i].epoch += 1
+        if idle_timeout is not None:
+            self.at(idle_timeout, lambda: [self.disconnect(i, j) for j in range(len(self.nodes))
+                                           if j != i])
+
+    def partition(self, side: set[int]) -> None:
+        """Cut every link between ``side`` and the other nodes."""
+        for link in [link for link in self.links if len(link & side) == 1]:
+            self.disconnect(*link)
+
+    def heal(self) -> None:
+        """Link every pair of live nodes again."""
+        for a in range(len(self.nodes)):
+            for b in range(a + 1, len(self.nodes)):
+                self.connect(a, b)
 
     # -- the driver -------------------------------------------------------------------
 
@@ -303,8 +326,9 @@ class Simulation:
 
     def _drain(self, node: SimNode) -> None:
         machine = node.core.machine
-        for action in machine.take_actions():
-            self._execute(node, action)
+        while actions := machine.take_actions():
+            for action in actions:
+                self._execute(node, action)
         for key, frame in node.core.take_sends():
             self._deliver(node, self.by_key[key], frame)
         deadline = machine.next_deadline()
@@ -334,6 +358,16 @@ class Simulation:
             self.at(self.rng.uniform(*self.train_time), trained)
         elif isinstance(action, SendUpdate):
             node.core.send_to(action.to, node.core.frame(action.update))
+        elif isinstance(action, ShareModel):
+            frame = node.core.frame(action.share)
+            for key in action.to:
+                node.core.send_to(key, frame)
+        elif isinstance(action, Average):
+            shares = [(from_tensors(m.weights), m.num_examples) for m in action.models.values()]
+            node.weights = node.learner.aggregate(shares)
+            node.offline_steps += 1
+            machine.average_done(action.round, action.step,
+                                 weights_digest(to_tensors(node.weights)), self.now)
         elif isinstance(action, Aggregate):
             ups = [(from_tensors(u.weights), u.num_examples) for u in action.updates.values()]
             merged = node.learner.aggregate(ups)

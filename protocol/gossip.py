@@ -70,6 +70,10 @@ class SeenCache:
             self._ids.popitem(last=False)
         return True
 
+    def discard(self, message_id: bytes) -> None:
+        """Forget ``message_id``: the message may be handled again when it comes back."""
+        self._ids.pop(message_id, None)
+
     def __contains__(self, message_id: bytes) -> bool:
         return message_id in self._ids
 

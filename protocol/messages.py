@@ -184,6 +184,43 @@ class Model:
 
 
 @dataclass(frozen=True)
+class Share:
+    """A member's model while it is offline (below quorum): offered to the peers it can
+    reach for gossip averaging, weighted by ``num_examples``. ``round`` is the global round
+    the sender is working towards, ``step`` counts its offline steps, ``base`` is the digest
+    of the model it trained from."""
+
+    TYPE = "share"
+    round: int
+    step: int
+    base: bytes
+    num_examples: int
+    loss: float
+    weights: list[Tensor] = field(repr=False)
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "round": self.round, "step": self.step, "base": self.base,
+            "n": self.num_examples, "loss": self.loss, "weights": weights_to_wire(self.weights),
+        }
+
+    @classmethod
+    def from_body(cls, body: Any) -> Share:
+        b = _fields(body, "share", {"round": int, "step": int, "base": bytes, "n": int,
+                                    "loss": (float, int), "weights": list})
+        if b["round"] < 1:
+            raise ProtocolError("share.round: must be >= 1")
+        return cls(
+            round=_count("share", "round", b["round"]),
+            step=_count("share", "step", b["step"]),
+            base=_bin("share", "base", b["base"], HASH_LEN),
+            num_examples=_count("share", "n", b["n"]),
+            loss=_finite("share", "loss", b["loss"]),
+            weights=weights_from_wire(b["weights"]),
+        )
+
+
+@dataclass(frozen=True)
 class Heartbeat:
     """Liveness and progress on a link; ``echo_ts`` lets the sender of a ping measure RTT."""
 
@@ -312,13 +349,14 @@ class PairAccept:
         return cls(b["name"], _bin("pair_accept", "requester", b["requester"], KEY_LEN))
 
 
-Message = Hello | Update | Model | Heartbeat | Relay | Announce | PairRequest | PairAccept
+Message = Hello | Update | Model | Share | Heartbeat | Relay | Announce | PairRequest | PairAccept
 
 #: type name -> body decoder. A type not in here is refused.
 DECODERS: Mapping[str, Callable[[Any], Message]] = {
     Hello.TYPE: Hello.from_body,
     Update.TYPE: Update.from_body,
     Model.TYPE: Model.from_body,
+    Share.TYPE: Share.from_body,
     Heartbeat.TYPE: Heartbeat.from_body,
     Relay.TYPE: Relay.from_body,
     Announce.TYPE: Announce.from_body,

@@ -18,17 +18,35 @@ Rules (docs/protocol.md, "Rounds" is the normative text):
   model deadline passes, re-elects and re-sends its update to the new aggregator.
 * A node applies at most one model per round, and only rounds above its own; a model for a
   later round lets a node that fell behind jump ahead (catch-up).
+* Quorum: an elected round needs ``quorum`` participating members (this node included).
+  An aggregator publishes only with updates from a quorum and while it still sees a
+  quorum; at its collect deadline without one it steps down (excludes itself) and hands
+  its update to the next in the ranking. A node below quorum does not accept a model for
+  the round in progress (it may come from an aggregator cut off from the majority); a
+  model for a later round (catch-up) it accepts.
+* Offline: below quorum a node trains locally and averages with the members it can reach
+  (``Share`` messages, weighted by examples), step after step, and returns to elected
+  rounds as soon as it sees a quorum again. Its first update after that is trained from
+  its offline model, and an aggregator accepts updates whatever model they were trained
+  from (updates are full weights, so FedAvg over them merges diverged models): that is the
+  reconcile rule after a partition heals, and after two models were published for one
+  round (the next round merges both lines). A node never applies two models for a round.
+* Deadlines adapt: the collect deadline follows the lateness of the updates observed
+  (late ones included), between ``RoundTimeouts.floor`` and ``collect`` (``Deadlines``).
+  An update for a round that is over is answered with that round's model by the node
+  layer (the straggler catches up; its data counts again from the next round).
 """
 
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from .election import ranking
 from .errors import ProtocolError
-from .messages import Model, Update
+from .messages import Model, Share, Update
 from .tensors import Tensor, weights_digest
 
 #: Peer states (reported in heartbeats) in which a member does not take part in rounds.
@@ -43,6 +61,7 @@ class Phase(enum.Enum):
     WAITING_MODEL = "waiting_model"
     COLLECTING = "collecting"
     AGGREGATING = "aggregating"
+    OFFLINE = "offline"
     STOPPED = "stopped"
     DONE = "done"
 
@@ -51,14 +70,46 @@ class Phase(enum.Enum):
 class RoundTimeouts:
     """Deadlines, in seconds.
 
-    ``collect``: how long an aggregator waits for updates after its own is ready.
-    ``model``: how long a member waits for the global model after sending its update.
-    ``start``: how long a fresh node waits for ``min_peers`` before starting anyway.
+    ``collect``: the most an aggregator waits for updates after its own is ready.
+    ``model``: the most a member waits for the global model after sending its update.
+    ``start``: how long a fresh node waits for ``wait_peers`` before starting anyway.
+    ``floor``: the least either adaptive deadline can shrink to.
     """
 
     collect: float = 60.0
     model: float = 90.0
     start: float = 60.0
+    floor: float = 5.0
+
+
+class Deadlines:
+    """The collect deadline, fitted to how late updates come, capped by ``RoundTimeouts``.
+
+    It is ``2 x p90 + floor`` of the recent lateness samples (the last 32), between
+    ``floor`` and ``collect``; with fewer than 3 samples it is ``collect``. A sample is how
+    long after our own update a peer's update came to us as aggregator (0 if before),
+    including updates that came after we aggregated, so stragglers cut off once push the
+    deadline up again. The model deadline (how long a member waits for the model) stays
+    ``model``: it must outlast any aggregator's collect deadline, or members would abandon
+    an aggregator that is only waiting for a straggler.
+    """
+
+    WINDOW = 32
+    MIN_SAMPLES = 3
+
+    def __init__(self, timeouts: RoundTimeouts) -> None:
+        self.timeouts = timeouts
+        self.lags: deque[float] = deque(maxlen=self.WINDOW)
+
+    def collect(self) -> float:
+        """Seconds an aggregator waits for updates once its own is ready."""
+        cap = self.timeouts.collect
+        if len(self.lags) < self.MIN_SAMPLES:
+            return cap
+        ordered = sorted(self.lags)
+        p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+        floor = min(self.timeouts.floor, cap)
+        return min(cap, max(floor, 2.0 * p90 + floor))
 
 
 # ---- actions (the outbox) -------------------------------------------------------------
@@ -66,10 +117,13 @@ class RoundTimeouts:
 
 @dataclass(frozen=True)
 class StartTraining:
-    """Train round ``round`` locally from the current global model."""
+    """Train round ``round`` locally from the model we hold (``base`` is its digest);
+    ``offline``: an offline step (the result is shared and averaged, not sent to an
+    aggregator)."""
 
     round: int
     base: bytes
+    offline: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +141,24 @@ class Aggregate:
     round: int
     attempt: int
     updates: dict[bytes, Update] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ShareModel:
+    """Offline: send ``share`` (our freshly trained model) to each member in ``to``."""
+
+    to: tuple[bytes, ...]
+    share: Share = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Average:
+    """Offline: average ``models`` (ours and the peers' latest, sender key -> share)
+    weighted by their examples, adopt the result, then call ``average_done``."""
+
+    round: int
+    step: int
+    models: dict[bytes, Share] = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -112,7 +184,8 @@ class Note:
     detail: str
 
 
-Action = StartTraining | SendUpdate | Aggregate | PublishModel | Commit | Note
+Action = (StartTraining | SendUpdate | Aggregate | PublishModel | Commit | ShareModel
+          | Average | Note)
 
 
 # ---- the machine ----------------------------------------------------------------------
@@ -134,18 +207,23 @@ class RoundMachine:
         federation: str,
         rounds_total: int,
         genesis: list[Tensor],
-        min_peers: int = 0,
+        wait_peers: int = 0,
+        quorum: int = 1,
         timeouts: RoundTimeouts = RoundTimeouts(),
         completed: int = 0,
         model_digest: bytes | None = None,
     ) -> None:
         if rounds_total < 1:
             raise ValueError("rounds_total must be >= 1")
+        if quorum < 1:
+            raise ValueError("quorum must be >= 1")
         self.self_key = self_key
         self.federation = federation
         self.rounds_total = rounds_total
-        self.min_peers = min_peers
+        self.wait_peers = wait_peers
+        self.quorum = quorum
         self.timeouts = timeouts
+        self.deadlines = Deadlines(timeouts)
         self.spec = [(t.name, t.dtype, t.shape) for t in genesis]
         self.genesis_digest = weights_digest(genesis)
         self.completed = completed
@@ -159,6 +237,13 @@ class RoundMachine:
         self.my_update: Update | None = None
         self.updates: dict[int, dict[bytes, Update]] = {}
         self.deadline: float | None = None
+        #: Offline: the digest of the averaged model we hold (None: the global one), the
+        #: peers' latest shares for the current round, and offline steps done in all.
+        self.local_digest: bytes | None = None
+        self.shares: dict[bytes, Share] = {}
+        self.offline_steps = 0
+        self._step = 0
+        self._collect_started: dict[int, float] = {}
         self._started = False
         self._paused = False
 
@@ -174,6 +259,16 @@ class RoundMachine:
         """How many aggregators have failed in the current round."""
         return len(self.excluded)
 
+    @property
+    def base_digest(self) -> bytes:
+        """The digest of the model we train from: the offline average if we hold one."""
+        return self.local_digest or self.model_digest
+
+    @property
+    def offline(self) -> bool:
+        """True while this node is below quorum, training and averaging on its own."""
+        return self.phase is Phase.OFFLINE
+
     def members(self) -> set[bytes]:
         """Live members including this node."""
         return {self.self_key, *self.peers}
@@ -184,6 +279,10 @@ class RoundMachine:
         if not self._paused:
             out.add(self.self_key)
         return out
+
+    def has_quorum(self) -> bool:
+        """Whether enough members take part for an elected round."""
+        return len(self.participants()) >= self.quorum
 
     def elect(self) -> bytes | None:
         """The aggregator of the current round in this node's view."""
@@ -203,18 +302,18 @@ class RoundMachine:
     # -- inputs -----------------------------------------------------------------------
 
     def start(self, now: float) -> None:
-        """Begin taking part: wait for ``min_peers``, then train round 1 (or resume)."""
+        """Begin taking part: wait for ``wait_peers``, then train round 1 (or resume)."""
         self._started = True
         self._paused = False
         if self.completed >= self.rounds_total:
             self._finish()
             return
-        if self.completed > 0 or len(self.peers) >= self.min_peers:
+        if self.completed > 0 or len(self.peers) >= self.wait_peers:
             self._begin_round(now)
         else:
             self.phase = Phase.WAITING_START
             self.deadline = now + self.timeouts.start
-            self._note("waiting_for_peers", f"{len(self.peers)}/{self.min_peers} peers")
+            self._note("waiting_for_peers", f"{len(self.peers)}/{self.wait_peers} peers")
 
     def pause(self, now: float) -> None:
         """Stop taking part after the current step; state is kept (``start`` resumes)."""
@@ -228,7 +327,7 @@ class RoundMachine:
         """A member's link is up (after its handshake)."""
         self.peers[key] = _PeerView(round=round, state=state)
         if (self._started and self.phase is Phase.WAITING_START
-                and len(self.peers) >= self.min_peers):
+                and len(self.peers) >= self.wait_peers):
             self._begin_round(now)
 
     def peer_status(self, key: bytes, now: float, *, round: int, state: str) -> None:
@@ -241,8 +340,14 @@ class RoundMachine:
 
     def peer_down(self, key: bytes, now: float) -> None:
         """A member's link went down."""
-        if self.peers.pop(key, None) is None:
+        if key not in self.peers:
             return
+        if self.phase is Phase.TRAINING and key == self.elect():
+            # It was to aggregate this round: whoever saw it go does not elect it again
+            # this round, even if it comes back (it restarts without our updates).
+            self.excluded.add(key)
+        del self.peers[key]
+        self.shares.pop(key, None)
         if key == self.aggregator and self.phase is Phase.WAITING_MODEL:
             self._aggregator_failed(now, "went down")
         else:
@@ -251,17 +356,28 @@ class RoundMachine:
     def on_update(self, sender: bytes, update: Update, now: float) -> None:
         """An update from a member. Raises ProtocolError if it cannot be valid."""
         self.check_spec(update.weights, "update")
+        started = self._collect_started.get(update.round)
+        if update.round == self.completed and started is not None:
+            self.deadlines.lags.append(now - started)  # came after we aggregated
         if update.round < self.current or update.round > self.current + 1:
             self._note("update_ignored", f"round {update.round} while at {self.current}")
             return
-        if update.round == self.current and update.base != self.model_digest:
-            self._note("update_ignored", "trained from another base model")
-            return
+        # Whatever model it was trained from (an offline average, the other side of a
+        # split): averaging full weights merges the lines (the reconcile rule).
         self.updates.setdefault(update.round, {})[sender] = update
+        if update.round == self.current and self.phase is Phase.COLLECTING:
+            self.deadlines.lags.append(now - (started if started is not None else now))
         view = self.peers.get(sender)
         if view is not None:
             view.round = max(view.round, update.round - 1)
         self._check_collect(now)
+
+    def on_share(self, sender: bytes, share: Share, now: float) -> None:
+        """An offline peer's model. Raises ProtocolError if it cannot be valid."""
+        self.check_spec(share.weights, "share")
+        if share.round != self.current or sender not in self.peers:
+            return  # another round: catch-up (heartbeats, models) brings us together
+        self.shares[sender] = share
 
     def on_model(self, sender: bytes, model: Model, now: float) -> None:
         """A global model. Raises ProtocolError if it cannot be valid."""
@@ -273,10 +389,18 @@ class RoundMachine:
         self.check_spec(model.weights, "model")
         if model.round <= self.completed:
             if model.round == self.completed and model.digest != self.model_digest:
-                self._note("model_conflict", f"a second model for round {model.round}")
+                self._note("model_conflict", f"a second model for round {model.round}"
+                           " (kept the first; the next round merges both)")
             return
         if weights_digest(model.weights) != model.digest:
             raise ProtocolError("model: digest does not match its weights")
+        settled = {k for k, v in self.peers.items() if v.round >= model.round}
+        if model.round == self.current and len(self.participants() | settled) < self.quorum:
+            # The round in progress, seen from a minority: its aggregator may have been
+            # cut off from the rest, who elect another. A round that members we see have
+            # finished (catch-up) is taken; this one is served again once we see a quorum.
+            self._note("model_deferred", f"round {model.round}: no quorum to accept it")
+            return
         view = self.peers.get(sender)
         if view is not None:
             view.round = max(view.round, model.round)
@@ -285,21 +409,39 @@ class RoundMachine:
     def training_done(self, round_number: int, weights: list[Tensor], num_examples: int,
                       loss: float, seconds: float, now: float) -> None:
         """Our local training of ``round_number`` finished."""
-        if self.phase is not Phase.TRAINING or round_number != self.current:
+        if (self.phase not in (Phase.TRAINING, Phase.OFFLINE) or round_number != self.current
+                or self.my_update is not None):
             self._note("training_discarded", f"round {round_number} is no longer current")
             return
         self.my_update = Update(
-            round=round_number, attempt=self.attempt, base=self.model_digest,
+            round=round_number, attempt=self.attempt, base=self.base_digest,
             num_examples=num_examples, loss=loss, train_seconds=seconds, weights=weights,
         )
+        if self.phase is Phase.OFFLINE:
+            self._share_and_average()
+            return
         self.updates.setdefault(round_number, {})[self.self_key] = self.my_update
         self._route_update(now)
+
+    def average_done(self, round_number: int, step: int, digest: bytes, now: float) -> None:
+        """Our offline average of ``step`` is adopted as the model we hold (``digest``)."""
+        if self.phase is not Phase.OFFLINE or round_number != self.current or step != self._step:
+            return
+        self.local_digest = digest
+        self.offline_steps += 1
+        self._begin_round(now)
 
     def aggregation_done(self, round_number: int, attempt: int, weights: list[Tensor],
                          contributors: Iterable[bytes], num_examples: int, now: float) -> None:
         """Our aggregation of ``round_number`` finished: publish and commit."""
         if self.phase is not Phase.AGGREGATING or round_number != self.current:
             self._note("aggregation_discarded", f"round {round_number} is no longer current")
+            return
+        if not self.has_quorum():
+            # Cut off from the majority while aggregating: the others elect a successor,
+            # so publishing now could give the round a second model.
+            self._note("aggregation_discarded", f"round {round_number}: lost quorum")
+            self._route_update(now)
             return
         model = Model(
             round=round_number, attempt=attempt, aggregator=self.self_key,
@@ -320,7 +462,16 @@ class RoundMachine:
         elif self.phase is Phase.WAITING_MODEL:
             self._aggregator_failed(now, "published nothing by the deadline")
         elif self.phase is Phase.COLLECTING:
-            self._aggregate(now, reason="deadline")
+            have = len(self.updates.get(self.current, {}))
+            if have >= self.quorum:
+                self._aggregate(now, reason="deadline")
+            else:
+                # No quorum of updates came to us: the others elected someone else (we
+                # restarted, say) or are gone. Step down and hand our update on.
+                self.excluded.add(self.self_key)
+                self._note("aggregator_failed", f"round {self.current}: {have} of"
+                           f" {self.quorum} updates by the deadline; stepping down")
+                self._route_update(now)
 
     # -- internals --------------------------------------------------------------------
 
@@ -339,29 +490,67 @@ class RoundMachine:
         if self.completed >= self.rounds_total:
             self._finish()
             return
-        self.phase = Phase.TRAINING
+        was_offline = self.phase is Phase.OFFLINE
         self.deadline = None
         self.excluded = set()
         self.aggregator = None
         self.my_update = None
         for r in [r for r in self.updates if r < self.current]:
             del self.updates[r]
-        # Updates that arrived early were stored before we knew this round's base model.
-        early = self.updates.get(self.current, {})
-        for sender in [k for k, u in early.items() if u.base != self.model_digest]:
-            del early[sender]
-            self._note("update_ignored", "trained from another base model")
-        self.outbox.append(StartTraining(self.current, self.model_digest))
+        if not self.has_quorum():
+            if not was_offline:
+                self._note("offline", f"{len(self.participants())} of {self.quorum} members"
+                           " needed for a round: training and averaging with reachable peers")
+            self.phase = Phase.OFFLINE
+            self._step += 1
+            self.outbox.append(StartTraining(self.current, self.base_digest, offline=True))
+            return
+        if was_offline:
+            self._note("online", f"quorum again ({len(self.participants())} members):"
+                       f" round {self.current} merges the offline models")
+        self.phase = Phase.TRAINING
+        self.outbox.append(StartTraining(self.current, self.base_digest))
+
+    def _share_and_average(self) -> None:
+        assert self.my_update is not None
+        mine = self.my_update
+        share = Share(round=mine.round, step=self._step, base=mine.base,
+                      num_examples=mine.num_examples, loss=mine.loss, weights=mine.weights)
+        reachable = tuple(sorted(k for k in self.participants() if k != self.self_key))
+        if reachable:
+            self.outbox.append(ShareModel(reachable, share))
+        models = {self.self_key: share}
+        models.update((k, v) for k, v in self.shares.items() if k in self.peers)
+        self.shares = {}
+        self.phase = Phase.OFFLINE
+        self.deadline = None
+        self.outbox.append(Average(self.current, self._step, models))
 
     def _route_update(self, now: float) -> None:
         assert self.my_update is not None
+        if not self.has_quorum():
+            # Quorum lost during the round: what we trained becomes an offline step.
+            if self.phase is not Phase.OFFLINE:
+                self._note("offline", f"{len(self.participants())} of {self.quorum} members"
+                           " needed for a round: training and averaging with reachable peers")
+            self.phase = Phase.OFFLINE
+            self._step += 1
+            self._share_and_average()
+            return
         agg = self.elect()
         self.aggregator = agg
-        if agg is None:  # cannot happen while we participate; keep the machine total
+        if agg is None:  # everyone was excluded this round: start it over
+            self._note("round_restarted", f"round {self.current}: no aggregator left")
+            self._begin_round(now)
             return
         if agg == self.self_key:
             self.phase = Phase.COLLECTING
-            self.deadline = now + self.timeouts.collect
+            self._collect_started[self.current] = now
+            for r in [r for r in self._collect_started if r < self.current - 1]:
+                del self._collect_started[r]
+            early = len(self.updates.get(self.current, {})) - 1
+            self.deadlines.lags.extend([0.0] * max(0, early))
+            self.deadline = now + self.deadlines.collect()
             self._note("aggregating", f"elected aggregator of round {self.current}"
                        f" (attempt {self.attempt})")
             self._check_collect(now)
@@ -384,7 +573,7 @@ class RoundMachine:
             return
         have = set(self.updates.get(self.current, {}))
         # An aggregator that failed this round is silent: do not wait for its update.
-        if self.participants() - self.excluded <= have:
+        if self.participants() - self.excluded <= have and len(have) >= self.quorum:
             self._aggregate(now, reason="all updates in")
 
     def _aggregate(self, now: float, reason: str) -> None:
@@ -395,8 +584,13 @@ class RoundMachine:
         self.outbox.append(Aggregate(self.current, self.attempt, updates))
 
     def _commit(self, model: Model, source: bytes, now: float) -> None:
+        if self.local_digest is not None and model.round > self.current:
+            self._note("offline_superseded", f"the federation's round {model.round} replaces"
+                       " our offline model")
         self.completed = model.round
         self.model_digest = model.digest
+        self.local_digest = None
+        self.shares = {}
         self.last_aggregator = model.aggregator
         self.outbox.append(Commit(model, source))
         for view in self.peers.values():

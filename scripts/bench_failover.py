@@ -26,7 +26,7 @@ from protocol.messages import Model  # noqa: E402
 from protocol.tensors import weights_digest  # noqa: E402
 from tests.e2e.cluster import Cluster  # noqa: E402
 
-COMMON = ["--dataset", "digits", "--num-partitions", "3", "--min-peers", "2",
+COMMON = ["--dataset", "digits", "--num-partitions", "3", "--wait-peers", "2",
           "--local-epochs", "6", "--rounds", "100"]
 
 

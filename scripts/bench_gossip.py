@@ -71,7 +71,7 @@ def random_graph(n: int, k: int, rng: random.Random) -> set[tuple[int, int]]:
 def build(n: int, k: int, seed: int, fanout: int) -> tuple[Simulation, set[tuple[int, int]]]:
     """A started simulation on a random k-regular-ish graph, with rounds and periodic
     announcements pushed out of the way (so only the measured broadcast makes traffic)."""
-    sim = Simulation(n, rounds=1000, seed=seed, announce_interval=1e9, min_peers=0,
+    sim = Simulation(n, rounds=1000, seed=seed, announce_interval=1e9, wait_peers=0,
                      train_time=(1e6, 1e6), fanout=fanout)
     edges = random_graph(n, k, random.Random(f"graph/{seed}/{n}/{k}"))
     for a, b in sorted(edges):
@@ -228,7 +228,7 @@ def ttl_check() -> dict[int, int]:
     """Hops on a line 0-1-...-11 broadcast from 0: node i must be i hops away, and the
     frame must stop after ttl + 1 hops (received with ttl 0, not forwarded)."""
     n = 12
-    sim = Simulation(n, rounds=1000, seed=0, announce_interval=1e9, min_peers=0,
+    sim = Simulation(n, rounds=1000, seed=0, announce_interval=1e9, wait_peers=0,
                      train_time=(1e6, 1e6))
     for i in range(n - 1):
         sim.connect(i, i + 1)

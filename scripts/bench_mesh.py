@@ -25,7 +25,7 @@ def one_run(base: Path) -> tuple[float, float]:
     with Hosts(("a", "b", "c")) as hosts:
         t0 = time.monotonic()
         nodes = [start_node(hosts, h, base, "--num-partitions", "3", "--partition-index",
-                            str(i), "--min-peers", "5", "--start-timeout", "600")
+                            str(i), "--wait-peers", "5", "--start-timeout", "600")
                  for i, h in enumerate("abc")]
         wait(lambda: all(n.status() for n in nodes), 120, "nodes up", nodes)
         t_up = time.monotonic() - t0

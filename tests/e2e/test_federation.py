@@ -14,7 +14,7 @@ from .cluster import Cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-COMMON = ["--dataset", "digits", "--num-partitions", "3", "--min-peers", "2"]
+COMMON = ["--dataset", "digits", "--num-partitions", "3", "--wait-peers", "2"]
 
 
 def start_three(cluster: Cluster, rounds: int, *extra: str):

@@ -1,4 +1,5 @@
-"""A lone node trains on by itself, then joins the others: one model, all contributing."""
+"""A lone node below quorum trains on by itself (offline), then joins the others: its
+offline model is merged into the first elected round; one model, all contributing."""
 
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ def test_a_lone_node_trains_alone_then_joins_and_converges(tmp_path):
     port = free_port()
     common = ("--dataset", "digits", "--num-partitions", "3", "--rounds", "100000")
     with Cluster(tmp_path) as cluster:
-        # c knows a's address, but a is not up yet: c starts alone and keeps training
-        lone = cluster.start("charlie", *common, "--partition-index", "2", "--min-peers", "0",
-                             "--peer", f"127.0.0.1:{port}")
-        cluster.wait(lambda: lone.status()["evaluated_round"] >= 2, 120, "solo rounds")
+        # c knows a's address, but a is not up yet: c is below its quorum of 2 and keeps
+        # training offline
+        lone = cluster.start("charlie", *common, "--partition-index", "2", "--min-peers", "1",
+                             "--start-timeout", "1", "--peer", f"127.0.0.1:{port}")
+        cluster.wait(lambda: lone.status()["offline_steps"] >= 2, 120, "offline steps")
+        solo = lone.status()
         alone = lone.metrics()
         # now the others come up, alpha on the port charlie has been dialling
         a = cluster.start_on_port("alpha", port, *common, "--partition-index", "0",
@@ -45,7 +48,10 @@ def test_a_lone_node_trains_alone_then_joins_and_converges(tmp_path):
         cluster.wait(lambda: all(n.status()["evaluated_round"] >= r for n in nodes), 120,
                      f"round {r} everywhere")
         rows = [{x["round"]: x for x in n.metrics()}.get(r) for n in nodes]
-    assert all(x["contributors"] == 1 for x in alone[:2])  # it trained alone first
+    # it trained alone first, offline: no global round, a model of its own, said in status
+    assert solo["mode"] == "offline" and solo["state"] == "offline" and alone == []
+    assert solo["quorum"] == {"need": 2, "have": 1} and solo["round"] == 0
+    assert solo["model_hash"] != solo["global_model_hash"]
     assert None not in rows  # every node applied that round's model ...
     assert len({x["model_hash"] for x in rows}) == 1  # ... the same one
     assert rows[0]["contributors"] == 3  # to which all three contributed

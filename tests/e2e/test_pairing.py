@@ -23,10 +23,10 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_pairing_admits_exactly_the_paired_node(tmp_path):
     with Cluster(tmp_path) as cluster:
-        common = ("--rounds", "3", "--min-peers", "1", "--start-timeout", "600")
+        common = ("--rounds", "3", "--wait-peers", "1", "--start-timeout", "600")
         a = cluster.start("alpha", *common, secret=None)
         b = cluster.start("bravo", *common, secret=None)
-        stranger = cluster.start("charlie", "--min-peers", "5", "--start-timeout", "600",
+        stranger = cluster.start("charlie", "--wait-peers", "5", "--start-timeout", "600",
                                  peers=[a, b], secret=None)
         png = tmp_path / "code.png"
         shown = cli("pair", "--state-dir", str(a.state_dir), "--png", str(png))
@@ -68,10 +68,10 @@ def test_pairing_admits_exactly_the_paired_node(tmp_path):
 
 def test_a_peer_answering_with_another_key_is_dropped_as_an_impostor(tmp_path):
     with Cluster(tmp_path) as cluster:
-        real = cluster.start("real", "--min-peers", "5", "--start-timeout", "600")
-        impostor = cluster.start("impostor", "--min-peers", "5", "--start-timeout", "600")
+        real = cluster.start("real", "--wait-peers", "5", "--start-timeout", "600")
+        impostor = cluster.start("impostor", "--wait-peers", "5", "--start-timeout", "600")
         # dial the impostor's address while expecting the real node's id
-        victim = cluster.start("victim", "--min-peers", "5", "--start-timeout", "600",
+        victim = cluster.start("victim", "--wait-peers", "5", "--start-timeout", "600",
                                "--peer", f"{real.identity.node_id}@{impostor.peer_address}")
         cluster.wait(lambda: "impostor" in victim.log, 60, "the impostor check")
         status = victim.status()

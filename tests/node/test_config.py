@@ -66,3 +66,23 @@ def test_cli_rejects_bad_values_with_exit_code_2(args, message, tmp_path):
                           timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
+
+
+@pytest.mark.parametrize(("peers", "flags", "quorum", "wait"), [
+    (0, {}, 1, 0),                                  # alone: every round is ours
+    (1, {}, 2, 1),                                  # two nodes: both needed
+    (2, {}, 2, 2),                                  # three: a majority of 2
+    (3, {}, 3, 3),                                  # four: 3, so a 2+2 split runs no rounds
+    (4, {}, 3, 4),
+    (3, {"min_peers": 1}, 2, 3),                    # the operator's choice wins
+    (3, {"wait_peers": 0}, 3, 0),
+    (0, {"min_peers": 2}, 3, 2),                    # waits at least for its quorum
+])
+def test_quorum_defaults_to_a_majority_of_the_static_federation(peers, flags, quorum, wait):
+    c = build_config({"peers": tuple(f"h:{i + 1}" for i in range(peers)), **flags}, environ={})
+    assert (c.quorum, c.effective_wait_peers) == (quorum, wait)
+
+
+def test_a_negative_wait_peers_is_refused():
+    with pytest.raises(ConfigError, match="--wait-peers"):
+        build_config({"wait_peers": -1}, environ={})

@@ -33,7 +33,7 @@ async def running(nodes: list[Node]):
 
 def make_node(tmp_path, i: int, count: int, rounds: int = 4, peers=()) -> Node:
     return Node(NodeConfig(name=f"n{i}", state_dir=str(tmp_path / f"n{i}"), host="127.0.0.1",
-                           port=0, web_port=0, rounds=rounds, min_peers=count - 1,
+                           port=0, web_port=0, rounds=rounds, wait_peers=count - 1,
                            heartbeat_interval=0.2, mdns=False,
                            peers=tuple(f"127.0.0.1:{p.peer_port}" for p in peers)),
                 FakeLearner(i))

@@ -13,7 +13,7 @@ CROSS = [(0, 2), (0, 3), (1, 2), (1, 3)]
 @pytest.mark.parametrize("seed", range(6))
 def test_both_sides_train_through_a_partition_and_reconverge(seed):
     sim = Simulation(4, rounds=40, seed=seed, announce_interval=1e6, heartbeat_interval=1.0,
-                     min_peers=1)
+                     wait_peers=1)
     sim.start()
     sim.run(10_000, stop=lambda: sim.all_done(3))
     for a, b in CROSS:

@@ -99,7 +99,7 @@ def test_a_hung_aggregator_is_replaced_after_the_model_deadline():
 
 
 def test_a_late_joiner_catches_up_from_the_latest_model():
-    sim = Simulation(4, rounds=6, seed=6, min_peers=2)
+    sim = Simulation(4, rounds=6, seed=6, wait_peers=2)
     # nodes 0-2 form the federation; node 3 arrives after round 3
     for a in range(3):
         for b in range(a + 1, 3):

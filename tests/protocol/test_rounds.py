@@ -28,9 +28,10 @@ KEYS = [identity(n).public_key for n in range(1, 6)]
 GENESIS_DIGEST = weights_digest(genesis())
 
 
-def machine(key: bytes, *, rounds: int = 5, min_peers: int = 0, **kw) -> RoundMachine:
+def machine(key: bytes, *, rounds: int = 5, wait_peers: int = 0, timeouts: RoundTimeouts = T,
+            **kw) -> RoundMachine:
     return RoundMachine(self_key=key, federation=FED, rounds_total=rounds, genesis=genesis(),
-                        min_peers=min_peers, timeouts=T, **kw)
+                        wait_peers=wait_peers, timeouts=timeouts, **kw)
 
 
 def of(actions, cls) -> list:
@@ -112,8 +113,8 @@ class Cluster:
 # ---- starting ---------------------------------------------------------------------------
 
 
-def test_a_node_waits_for_min_peers_before_training():
-    m = machine(KEYS[0], min_peers=2)
+def test_a_node_waits_for_wait_peers_before_training():
+    m = machine(KEYS[0], wait_peers=2)
     m.start(0.0)
     acts = m.take_actions()
     assert of(acts, StartTraining) == [] and "waiting_for_peers" in notes(acts)
@@ -126,7 +127,7 @@ def test_a_node_waits_for_min_peers_before_training():
 
 
 def test_a_node_starts_with_the_peers_it_has_after_the_start_timeout():
-    m = machine(KEYS[0], min_peers=3)
+    m = machine(KEYS[0], wait_peers=3)
     m.start(0.0)
     m.peer_up(KEYS[1], 1.0)
     m.take_actions()
@@ -138,7 +139,7 @@ def test_a_node_starts_with_the_peers_it_has_after_the_start_timeout():
     assert "start_timeout" in notes(acts)
 
 
-def test_with_no_min_peers_training_starts_at_once():
+def test_with_no_wait_peers_training_starts_at_once():
     m = machine(KEYS[0])
     m.start(0.0)
     assert of(m.take_actions(), StartTraining) == [StartTraining(1, GENESIS_DIGEST)]
@@ -146,7 +147,7 @@ def test_with_no_min_peers_training_starts_at_once():
 
 def test_a_node_resuming_after_a_restart_does_not_wait_for_peers():
     digest = weights_digest(weights(0.5))
-    m = machine(KEYS[0], min_peers=4, completed=2, model_digest=digest)
+    m = machine(KEYS[0], wait_peers=4, completed=2, model_digest=digest)
     m.start(0.0)
     assert of(m.take_actions(), StartTraining) == [StartTraining(3, digest)]
 
@@ -158,7 +159,7 @@ def test_a_node_that_completed_every_round_is_done_at_start():
 
 
 def test_peers_arriving_before_start_do_not_start_training():
-    m = machine(KEYS[0], min_peers=1)
+    m = machine(KEYS[0], wait_peers=1)
     m.peer_up(KEYS[1], 0.0)
     assert of(m.take_actions(), StartTraining) == []
 
@@ -266,41 +267,42 @@ def test_an_update_for_a_past_round_is_ignored():
     assert 3 not in m.updates
 
 
-def test_an_update_trained_from_another_base_is_ignored():
+def test_an_update_trained_from_another_model_is_merged():
+    # The reconcile rule: after a partition or a split round, members hold different
+    # models; the aggregator averages their updates whatever they were trained from.
     c = Cluster(2)
     c.connect_all(0.0)
     c.start_all(0.0)
     agg, member = c.rank(1)
     c.train(agg, 1.0, 1.0)
-    forged = Update(round=1, attempt=0, base=b"\x99" * 32, num_examples=1000, loss=0.0,
-                    train_seconds=0.0, weights=weights(100.0))
-    c.m[agg].on_update(member, forged, 2.0)
+    other = Update(round=1, attempt=0, base=b"\x99" * 32, num_examples=10, loss=0.0,
+                   train_seconds=0.0, weights=weights(3.0))
+    c.m[agg].on_update(member, other, 2.0)
     acts = c.m[agg].take_actions()
-    assert "update_ignored" in notes(acts) and of(acts, Aggregate) == []
-    assert member not in c.m[agg].updates.get(1, {})
-    assert c.m[agg].phase is Phase.COLLECTING  # still waiting for a real one
+    [aggregate] = of(acts, Aggregate)
+    assert set(aggregate.updates) == {agg, member}
+    assert aggregate.updates[member].base == b"\x99" * 32
 
 
-def test_an_early_update_trained_from_another_base_is_not_aggregated():
+def test_an_early_update_for_the_next_round_waits_for_that_round():
     c = Cluster(3)
     c.connect_all(0.0)
     c.start_all(0.0)
     agg2 = c.rank(2)[0]
-    stranger, third = [k for k in c.rank(2) if k != agg2]
-    # before round 1 ends, the stranger sends a round-2 update built on a model that is
-    # not the round-1 model everyone is about to commit
-    early = Update(round=2, attempt=0, base=b"\x99" * 32, num_examples=1000, loss=0.0,
-                   train_seconds=0.0, weights=weights(100.0))
-    c.m[agg2].on_update(stranger, early, 0.5)
+    early_sender = [k for k in c.rank(2) if k != agg2][0]
+    early = Update(round=2, attempt=0, base=b"\x99" * 32, num_examples=10, loss=0.0,
+                   train_seconds=0.0, weights=weights(3.0))
+    c.m[agg2].on_update(early_sender, early, 0.5)
+    assert [a.round for a in of(c.m[agg2].take_actions(), Aggregate)] == []
     for k in c.rank(1)[::-1]:
         c.train(k, 1.0, 1.0)
     c.finish_aggregation(c.rank(1)[0], 2.0)
     assert all(c.m[k].completed == 1 for k in c.keys)
-    # round 2: the aggregator and the third node are done; the stranger is still training
-    c.train(agg2, 3.0, 3.0)
-    c.train(third, 3.0, 3.0)
-    assert stranger not in c.m[agg2].updates.get(2, {})
-    assert [a.round for a in c.actions(agg2, Aggregate)] in ([], [1])  # not round 2 yet
+    for k in c.keys:
+        if k != early_sender:
+            c.train(k, 2.0, 3.0)
+    [aggregate] = [a for a in c.actions(agg2, Aggregate) if a.round == 2]
+    assert set(aggregate.updates) == set(c.keys)
 
 
 @pytest.mark.parametrize("bad", [

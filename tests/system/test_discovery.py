@@ -12,7 +12,7 @@ from tests.system.netns import Hosts, require_root_and_tools
 
 pytestmark = [pytest.mark.slow, pytest.mark.system]
 
-COMMON = ("--num-partitions", "3", "--min-peers", "2", "--start-timeout", "120")
+COMMON = ("--num-partitions", "3", "--wait-peers", "2", "--start-timeout", "120")
 
 
 def test_three_hosts_find_each_other_by_mdns_and_train(tmp_path):

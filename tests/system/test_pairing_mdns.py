@@ -39,10 +39,10 @@ def cli(hosts: Hosts, host: str, *args: str) -> subprocess.CompletedProcess[str]
 def test_paired_nodes_train_and_strangers_and_impostors_get_nothing(tmp_path):
     require_root_and_tools()
     with Hosts(("a", "b", "c")) as hosts:
-        common = ("--rounds", "3", "--min-peers", "1", "--start-timeout", "600")
+        common = ("--rounds", "3", "--wait-peers", "1", "--start-timeout", "600")
         a = start_node(hosts, "a", tmp_path, *common, secret=None)
         b = start_node(hosts, "b", tmp_path, *common, secret=None)
-        c = start_node(hosts, "c", tmp_path, "--min-peers", "5", "--start-timeout", "600",
+        c = start_node(hosts, "c", tmp_path, "--wait-peers", "5", "--start-timeout", "600",
                        secret=None)
         nodes = [a, b, c]
         wait(lambda: all(n.status()["node_id"] for n in nodes), 60, "started", nodes)
