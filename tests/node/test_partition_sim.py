@@ -34,3 +34,33 @@ def test_both_sides_train_through_a_partition_and_reconverge(seed):
     at_target = {n.commits.get(target) for n in sim.nodes}
     assert len(at_target) == 1 and None not in at_target, (rounds, len(digests))
     # ... and no node ever applied two models for one round (sim.Commit asserts it)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_with_a_majority_quorum_both_sides_go_offline_and_the_heal_merges_them(seed):
+    sim = Simulation(4, rounds=40, seed=seed, announce_interval=1e6, heartbeat_interval=1.0,
+                     quorum=3)
+    sim.start()
+    sim.run(10_000, stop=lambda: sim.all_done(3))
+    for a, b in CROSS:
+        sim.disconnect(a, b)
+    split_at = [n.core.machine.completed for n in sim.nodes]
+    steps = [n.offline_steps for n in sim.nodes]
+    sim.run(sim.now + 60)
+    # neither side has 3 members: no global round, but every node kept training offline
+    assert all(n.core.machine.offline for n in sim.nodes)
+    assert [n.core.machine.completed for n in sim.nodes] == split_at
+    assert all(n.offline_steps >= s + 3 for n, s in zip(sim.nodes, steps))
+    for a, b in CROSS:
+        sim.connect(a, b)
+    healed = max(split_at)
+    sim.run(sim.now + 10_000, stop=lambda: sim.all_done(healed + 2))
+    assert sim.all_done(healed + 2)
+    # one model per round across all nodes, the whole run through
+    for r in range(1, healed + 3):
+        assert len({n.commits[r] for n in sim.nodes if r in n.commits}) == 1, r
+    # the first round after healing merged updates from both sides
+    merged = [n for n in sim.nodes if healed + 1 in n.aggregated]
+    assert len(merged) == 1
+    notes = [d for t, k, d in merged[0].notes if k == "aggregate" and f"round {healed + 1}" in d]
+    assert notes and int(notes[-1].split(": ")[1].split()[0]) >= 3
