@@ -27,7 +27,7 @@ from aiohttp import web
 
 from protocol.envelope import Envelope
 from protocol.identity import Identity, node_id_from_key
-from protocol.messages import Heartbeat, Hello, Model
+from protocol.messages import Heartbeat, Hello, Model, Share
 from protocol.rounds import (
     Aggregate,
     Average,
@@ -145,6 +145,8 @@ class Node:
         self.db = NodeDB(state_dir)
         self.resumed_from = self._restore()
         self.checkpoint_round = self.resumed_from
+        self.resumed_offline_step = self._restore_offline()
+        self.offline_checkpoint_step = self.resumed_offline_step
         self.transport = PeerTransport(self.core, on_frame=self._on_frame,
                                        on_link_up=self._on_link_up,
                                        on_link_down=self._on_link_down)
@@ -160,6 +162,7 @@ class Node:
         # the worker has nothing else to do, so they never delay the next round.
         self._jobs: collections.deque[tuple[str, Any]] = collections.deque()
         self._ckpt_pending: tuple[int, bytes, bytes] | None = None
+        self._offline_pending: tuple[int, bytes, bytes, int] | None = None
         self._events: list[tuple[float, str, str]] = []
         self._ckpt_wanted = asyncio.Event()
         self._background: collections.deque[tuple[str, Any]] = collections.deque()
@@ -232,6 +235,8 @@ class Node:
             "evaluated_round": self.evaluated_round,
             "resumed_from": self.resumed_from,
             "checkpoint_round": self.checkpoint_round,
+            "resumed_offline_step": self.resumed_offline_step,
+            "offline_checkpoint_step": self.offline_checkpoint_step,
             "peer_port": self.peer_port,
             "web_port": self.web_port,
             "uptime_s": time.time() - self.started_at,
@@ -308,6 +313,36 @@ class Node:
             with contextlib.suppress(FileNotFoundError):
                 (self.state_dir / ENDPOINT_FILE).unlink()
             log.info("node %s stopped", self.config.name)
+
+    def _restore_offline(self) -> int:
+        """Resume the offline model that continues the restored round, if saved (0: none)."""
+        m = self.machine
+
+        def verify(round_number: int, digest: bytes, frame: bytes) -> None:
+            try:
+                env = decode(frame, max_size=self.config.max_message_size)
+                msg = env.message
+                if env.federation != self.config.federation or env.sender != m.self_key:
+                    raise ProtocolError("not ours")
+                if not isinstance(msg, Share) or weights_digest(msg.weights) != digest:
+                    raise ProtocolError("weights do not match their digest")
+                m.check_spec(msg.weights, "offline checkpoint")
+            except ProtocolError as exc:
+                raise CheckpointError(exc.reason) from None
+            if round_number != m.current or msg.base != m.model_digest:
+                raise CheckpointError(f"stale (round {round_number}, resumed round"
+                                      f" {m.completed})")
+
+        ckpt = self.checkpoints.load_offline(verify)
+        if ckpt is None:
+            return 0
+        share = decode(ckpt.frame).message
+        assert isinstance(share, Share)
+        self.weights = {k: np.array(v) for k, v in from_tensors(share.weights).items()}
+        m.local_digest = ckpt.digest
+        m.offline_steps = share.step
+        log.info("resuming the offline model of step %d (round %d)", share.step, ckpt.round)
+        return share.step
 
     def _restore(self) -> int:
         """Resume from the newest good checkpoint (0: none, starting from genesis)."""
@@ -469,6 +504,10 @@ class Node:
             if pending is not None:
                 await asyncio.to_thread(self.checkpoints.save, *pending)
                 self.checkpoint_round = max(self.checkpoint_round, pending[0])
+            offline, self._offline_pending = self._offline_pending, None
+            if offline is not None:
+                await asyncio.to_thread(self.checkpoints.save_offline, *offline[:3])
+                self.offline_checkpoint_step = offline[3]
 
     def _stats(self, round_number: int) -> dict[str, float]:
         return self._round_stats.setdefault(round_number, {})
@@ -533,8 +572,16 @@ class Node:
             self.weights = {k: np.asarray(v, order="C") for k, v in merged.items()}
             log.info("offline step %d: averaged with %d peer(s)", self.machine.offline_steps + 1,
                      len(models) - 1)
-            self.machine.average_done(action.round, action.step,
-                                      weights_digest(to_tensors(self.weights)), now())
+            tensors = to_tensors(self.weights)
+            digest = weights_digest(tensors)
+            # Offline progress survives a crash: our own signed share of what we hold.
+            step = self.machine.offline_steps + 1
+            frame = await self._encode(self.core.frame, Share(
+                round=action.round, step=step, base=self.machine.model_digest,
+                num_examples=0, loss=0.0, weights=tensors))
+            self._offline_pending = (action.round, digest, bytes(frame), step)
+            self._ckpt_wanted.set()
+            self.machine.average_done(action.round, action.step, digest, now())
         elif kind == "aggregate":
             updates = [(from_tensors(u.weights), u.num_examples) for u in action.updates.values()]
             merged = await asyncio.to_thread(self.learner.aggregate, updates)

@@ -6,6 +6,11 @@ global model, so a restored model is verified exactly like one received from a p
 
     b"FLCK" | u32be version (1) | u32be meta length | meta (JSON) | frame | SHA-256 of all before
 
+``checkpoints/offline.ckpt`` holds, the same way, the model a node holds while offline
+(below quorum): a ``share`` frame signed by the node itself. It is used on restart only if
+it continues the newest global checkpoint (its round is the next one, its base that
+model).
+
 Each is written atomically (temp file, fsync, rename, fsync of the directory). The last
 ``keep`` are kept. On start the newest checkpoint that passes every check is used; a
 corrupt or truncated one is reported (with the reason) and the previous one is tried.
@@ -36,6 +41,8 @@ MAGIC = b"FLCK"
 VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 DB_FILE = "node.db"
+#: The model a node holds while offline (below quorum), in the same format.
+OFFLINE_FILE = "offline.ckpt"
 
 
 class CheckpointError(ValueError):
@@ -98,6 +105,31 @@ class CheckpointStore:
         for old in self.files()[self.keep :]:
             old.unlink(missing_ok=True)
         return path
+
+    @property
+    def offline_path(self) -> Path:
+        return self.dir / OFFLINE_FILE
+
+    def save_offline(self, round_number: int, digest: bytes, frame: bytes) -> Path:
+        """Write the offline checkpoint (the model a node holds while offline: a signed
+        ``share`` frame), atomically. Blocking: call off the loop."""
+        atomic_write(self.offline_path, encode_checkpoint(round_number, digest, frame),
+                     mode=0o600)
+        return self.offline_path
+
+    def load_offline(self, verify: Callable[[int, bytes, bytes], None]) -> Checkpoint | None:
+        """The offline checkpoint if there is one that decodes and passes ``verify``
+        (which raises ValueError to refuse it; a stale one is refused that way too)."""
+        path = self.offline_path
+        if not path.exists():
+            return None
+        try:
+            round_number, digest, frame = decode_checkpoint(path.read_bytes())
+            verify(round_number, digest, frame)
+        except (OSError, ValueError) as exc:
+            log.warning("offline checkpoint %s not used: %s", path.name, exc)
+            return None
+        return Checkpoint(round_number, digest, frame, path)
 
     def files(self) -> list[Path]:
         """Checkpoint files, newest round first."""

@@ -9,6 +9,8 @@ import aiohttp
 
 from node.config import NodeConfig
 from node.daemon import Node
+from node.store import decode_checkpoint
+from protocol.envelope import decode
 
 from .fakes import FakeLearner
 
@@ -61,3 +63,32 @@ async def test_three_nodes_train_to_the_same_model(tmp_path, no_leaked_tasks, mo
     # every node took part in every round
     assert all(n.learner.trained_rounds == [1, 2, 3, 4] for n in nodes)
     assert all(r.contributors == 3 for r in first.history)
+
+
+async def test_a_node_below_quorum_trains_offline_and_resumes_its_offline_model(
+        tmp_path, no_leaked_tasks):
+    def lone() -> Node:
+        # a quorum of 2 and nobody else: offline from the start
+        return Node(NodeConfig(name="lone", state_dir=str(tmp_path / "lone"), host="127.0.0.1",
+                               port=0, web_port=0, rounds=4, min_peers=1, wait_peers=0,
+                               mdns=False, open=True), FakeLearner(0, delay=0.05))
+
+    node = lone()
+    async with running([node]):
+        await _wait(lambda: node.offline_checkpoint_step >= 3)
+        status = node.status()
+        node.request_shutdown()
+    assert status["mode"] == "offline" and status["state"] == "offline"
+    assert status["quorum"] == {"need": 2, "have": 1} and status["members"] == [node.node_id]
+    assert status["round"] == 0 and status["model_hash"] != status["global_model_hash"]
+    path = tmp_path / "lone" / "checkpoints" / "offline.ckpt"
+    round_number, digest, frame = decode_checkpoint(path.read_bytes())
+    step = decode(frame).message.step
+    assert round_number == 1 and step >= 3
+    again = lone()  # a restart on the same state dir
+    assert again.resumed_offline_step == step and again.machine.offline_steps == step
+    assert again.model_hash() == digest.hex() and again.machine.completed == 0
+    # a corrupt offline checkpoint is reported and the global model (genesis) is used
+    path.write_bytes(path.read_bytes()[:-5])
+    third = lone()
+    assert third.resumed_offline_step == 0 and third.machine.local_digest is None
