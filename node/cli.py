@@ -7,13 +7,23 @@ import asyncio
 import faulthandler
 import json
 import logging
+import os
 import signal
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
-from .config import DATASETS, LOG_LEVELS, PARTITIONS, ConfigError, NodeConfig, build_config
+from .config import (
+    DATASETS,
+    LOG_LEVELS,
+    PARTITIONS,
+    ConfigError,
+    NodeConfig,
+    build_config,
+    is_loopback,
+)
 
 EXIT_USAGE = 2
 
@@ -107,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--num-partitions", type=int, help="how many shards the data is"
                        " split into (one per node)")
     start.add_argument("--partition-index", type=int, help="which shard this node trains on")
+    start.add_argument("--web-public", action="store_true", default=None,
+                       help="allow --web-host to be a non-loopback address (the API token"
+                       " still guards every change; a warning is logged)")
+    start.add_argument("--web-allowed-host", dest="web_allowed_hosts", action="append",
+                       metavar="HOST[:PORT]", help="another Host/Origin name the web API"
+                       " answers to (repeatable; e.g. a reverse proxy's name)")
+    start.add_argument("--tui", action="store_true", default=None, help="show the terminal"
+                       " UI in this terminal while the node runs (the node logs to a file)")
     start.add_argument("--max-message-size", type=int, help="largest accepted frame, bytes")
     add_node_options(start)
 
@@ -131,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds the code stays valid (default 600)")
     pair.add_argument("--json", action="store_true", help="print JSON")
 
+    token = sub.add_parser("token", help="print the local node's API token")
+    _local_node_options(token, d.name)
+
+    tui = sub.add_parser("tui", help="watch and steer a running node in the terminal")
+    tui.add_argument("url", nargs="?", help="the node's web address (default: the local"
+                     " node of --name / --state-dir)")
+    tui.add_argument("--token", help="the node's API token (default: read from the state"
+                     " dir; see fl-node token)")
+    _local_node_options(tui, d.name)
+
     status = sub.add_parser("status", help="print a running node's status")
     status.add_argument("url", nargs="?", default=f"http://127.0.0.1:{d.web_port}",
                         help="the node's web address")
@@ -138,13 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _local_node_options(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--state-dir", help="state dir of the local node (default: that of"
+                        " --name)")
+    parser.add_argument("--name", default=name, help=f"name of the local node (default"
+                        f" {name})")
+
+
+def _state_dir(args: argparse.Namespace) -> str:
+    from .config import default_state_dir
+
+    return args.state_dir or default_state_dir(args.name)
+
+
 def setup_logging(level: str, log_file: str | None, name: str = "") -> None:
     """Log to stderr (and to ``log_file``) with the node name on every line."""
     fmt = f"%(asctime)s %(levelname)-7s {name + ' ' if name else ''}%(name)s: %(message)s"
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
-        from pathlib import Path
-
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
     logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
@@ -158,15 +197,22 @@ def _flags(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
 def cmd_start(args: argparse.Namespace) -> int:
     """Run one node until SIGINT/SIGTERM."""
     try:
-        flags = _flags(args, {"command", "config"})
-        for key in ("peers", "mdns_interfaces"):
+        flags = _flags(args, {"command", "config", "tui"})
+        for key in ("peers", "mdns_interfaces", "web_allowed_hosts"):
             if key in flags:
                 flags[key] = tuple(flags[key])
         config = build_config(flags, config_file=args.config)
     except ConfigError as exc:
         print(f"fl-node start: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.tui:
+        return _start_with_tui(config)
     setup_logging(config.log_level, config.log_file, config.name)
+    if not is_loopback(config.web_host):
+        logging.getLogger("fl-node").warning(
+            "--web-public: the web API listens on %s, reachable from other machines; every"
+            " change needs the API token, but anyone there can read the status",
+            config.web_host)
     # `kill -USR1 PID` prints every thread's stack to stderr: for a node that seems stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     import torch
@@ -202,6 +248,86 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_with_tui(config: Any) -> int:
+    """``fl-node start --tui``: the node runs as a child process logging to a file, and
+    the terminal UI attaches to it; quitting the UI stops the node (SIGTERM)."""
+    import subprocess
+    import time as _time
+
+    from .state import load_or_create_api_token
+
+    state_dir = Path(config.resolved_state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    endpoint = state_dir / "endpoint.json"
+    argv = [a for a in sys.argv[1:] if a != "--tui"]
+    if not config.log_file:
+        argv += ["--log-file", str(state_dir / "node.log")]
+    with open(os.devnull, "wb") as quiet:
+        child = subprocess.Popen([sys.executable, "-m", "node.cli", *argv],
+                                 stdout=quiet, stderr=quiet)
+    try:
+        deadline = _time.monotonic() + 120
+        while True:
+            if child.poll() is not None:
+                print(f"fl-node start: the node exited with code {child.returncode}; see"
+                      f" {config.log_file or state_dir / 'node.log'}", file=sys.stderr)
+                return child.returncode or 1
+            try:
+                info = json.loads(endpoint.read_text())
+                if info.get("pid") == child.pid:
+                    break
+            except (OSError, ValueError):
+                pass
+            if _time.monotonic() > deadline:
+                print("fl-node start: the node did not come up in 120 s", file=sys.stderr)
+                return 1
+            _time.sleep(0.1)
+        from tui.app import run_tui
+
+        host = "127.0.0.1" if info.get("web_host") in ("0.0.0.0", "::", "") else (
+            info.get("web_host", "127.0.0.1"))
+        return run_tui(f"http://{host}:{info['web_port']}", load_or_create_api_token(state_dir))
+    finally:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print the API token of the local node (made on first use, mode 0600)."""
+    from .state import load_or_create_api_token
+
+    print(load_or_create_api_token(Path(_state_dir(args))))
+    return 0
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    """Attach the terminal UI to a running node (the local one by default)."""
+    from tui.app import run_tui
+
+    state_dir = Path(_state_dir(args))
+    url = args.url
+    if url is None:
+        try:
+            url = _LocalNode(str(state_dir)).base
+        except RuntimeError as exc:
+            print(f"fl-node tui: {exc}; or give its URL", file=sys.stderr)
+            return 1
+    token = args.token
+    if token is None:
+        try:
+            token = (state_dir / "api.token").read_text().strip()
+        except OSError:
+            print(f"fl-node tui: no API token in {state_dir}: give --token (on the node's"
+                  " machine: fl-node token)", file=sys.stderr)
+            return EXIT_USAGE
+    return run_tui(url, token)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Fetch /api/status once and print it."""
     url = args.url.rstrip("/") + "/api/status"
@@ -222,8 +348,6 @@ class _LocalNode:
     """The running node of a state dir, reached through its web API and API token."""
 
     def __init__(self, state_dir: str) -> None:
-        from pathlib import Path
-
         self.dir = Path(state_dir)
         try:
             endpoint = json.loads((self.dir / "endpoint.json").read_text())
@@ -366,6 +490,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_start(args)
     if args.command == "status":
         return cmd_status(args)
+    if args.command == "token":
+        return cmd_token(args)
+    if args.command == "tui":
+        return cmd_tui(args)
     if args.command == "pair":
         return cmd_pair(args)
     if args.command == "demo":

@@ -6,6 +6,7 @@ Every field is documented in ``FIELDS`` (the help text of its flag) and in READM
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
 import re
 import tomllib
@@ -55,6 +56,16 @@ def read_federation_secret(config: NodeConfig, environ: dict[str, str] | None = 
     return secret
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or name) is this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class ConfigError(ValueError):
     """A configuration value is wrong; the message says which and why."""
 
@@ -92,6 +103,8 @@ class NodeConfig:
     port: int = 7700
     web_host: str = "127.0.0.1"
     web_port: int = 7800
+    web_public: bool = False
+    web_allowed_hosts: tuple[str, ...] = ()
     peers: tuple[str, ...] = ()
     min_peers: int | None = None
     wait_peers: int | None = None
@@ -168,6 +181,9 @@ class NodeConfig:
             except ValueError as exc:
                 problems.append(str(exc))
         need(self.min_peers is None or self.min_peers >= 0, "--min-peers: must be >= 0")
+        need(self.web_public or is_loopback(self.web_host),
+             f"--web-host {self.web_host}: the web API (control plane) is reachable from"
+             " other machines there; add --web-public to allow it")
         need(self.wait_peers is None or self.wait_peers >= 0, "--wait-peers: must be >= 0")
         need(self.dataset in DATASETS, f"--dataset {self.dataset!r}: one of {', '.join(DATASETS)}")
         need(self.partition in PARTITIONS, f"--partition {self.partition!r}: iid or dirichlet")

@@ -47,6 +47,8 @@ from protocol.errors import ProtocolError
 from protocol.gossip import federation_key
 from protocol.tensors import weights_digest
 
+from .control import ControlMixin
+from .dashboard import EventHub, allowed_hosts_for, resources
 from .config import NodeConfig, parse_key, parse_peer, read_federation_secret
 from .core import NodeCore, TrustPolicy
 from .learner import Learner, Weights
@@ -88,7 +90,7 @@ class RoundRecord:
         return dict(self.__dict__)
 
 
-class Node:
+class Node(ControlMixin):
     """A running fl-node: build it with a config and a learner, then ``await run()``."""
 
     def __init__(self, config: NodeConfig, learner: Learner) -> None:
@@ -170,6 +172,10 @@ class Node:
         self._timer_changed = asyncio.Event()
         self._stop_training = threading.Event()
         self._shutdown = asyncio.Event()
+        #: Live events for WebSocket clients (node.dashboard), and the Host/Origin names
+        #: the web API answers to (filled in once its port is bound).
+        self.hub = EventHub()
+        self.allowed_hosts: set[str] = set()
         self.web_port = 0
         self.peer_port = 0
         self._tg: asyncio.TaskGroup | None = None
@@ -249,6 +255,8 @@ class Node:
                 "duplicates": c.duplicates, "relayed": c.relayed,
             },
             "learner": self.learner.describe(),
+            "resources": resources(),
+            "privacy": None,
         }
 
     # -- supervision ------------------------------------------------------------------
@@ -276,6 +284,8 @@ class Node:
             await web_site.start()
             self.peer_port = _bound_port(peer_runner)
             self.web_port = _bound_port(web_runner)
+            self.allowed_hosts.update(allowed_hosts_for(self.config.web_host, self.web_port,
+                                                        self.config.web_allowed_hosts))
             self.core.port = self.peer_port
             self._write_endpoint()
             log.info("node %s (%s) peer port %d, web http://%s:%d/", self.config.name,
@@ -416,8 +426,10 @@ class Node:
                 log.info("%s", action.detail)
             elif isinstance(action, Note):
                 # Written by the checkpointer's thread, not here on the event loop.
-                self._events.append((time.time(), action.kind, action.detail))
-                self._ckpt_wanted.set()
+                self.note(action.kind, action.detail)
+                if action.kind == "done":
+                    self.hub.publish("training_stopped", {"round": self.machine.completed,
+                                                          "reason": "done"})
                 level = logging.WARNING if action.kind in ("aggregator_failed",
                                                            "model_conflict") else logging.INFO
                 log.log(level, "%s: %s", action.kind.replace("_", " "), action.detail)
@@ -483,6 +495,10 @@ class Node:
                 self._checkpoint(model.round, model.digest, frame)
         self._background.append(("evaluate", (action, self.weights)))
         self._work.set()
+        self.hub.publish("round_completed", {
+            "round": model.round, "model_hash": model.digest.hex(),
+            "aggregator": node_id_from_key(model.aggregator),
+            "contributors": len(model.contributors)})
 
     def _checkpoint(self, round_number: int, digest: bytes, frame: bytes) -> None:
         """Have the checkpointer write this model (a newer one supersedes a pending one)."""
@@ -629,6 +645,7 @@ class Node:
         self.history.append(record)
         self.evaluated_round = max(self.evaluated_round, record.round)
         await asyncio.to_thread(self.db.record_round, record.as_json())
+        self.hub.publish("metrics_update", {**record.as_json(), "ts": finished})
         log.info("round %d/%d committed: accuracy %.4f loss %.4f aggregator %s model %s",
                  model.round, self.machine.rounds_total, self.accuracy, self.loss,
                  record.aggregator, record.model_hash[:12])
@@ -679,10 +696,18 @@ class Node:
     def _on_link_up(self, link: Link, hello: Hello, trust: str) -> None:
         self.core.link_up(link.key, hello, link.address, trust, now())
         self._drain()
+        self.hub.publish("peer_joined", {"node_id": node_id_from_key(link.key),
+                                         "name": hello.name})
 
     def _on_link_down(self, link: Link) -> None:
         self.core.link_down(link.key, now())
         self._drain()
+        self.hub.publish("peer_left", {"node_id": node_id_from_key(link.key)})
+
+    def broadcast_state(self) -> None:
+        """Tell every linked peer our state now, not at the next heartbeat."""
+        if self.transport.links:
+            self.transport.broadcast(self.core.heartbeat(self.state))
 
 
 class _Shutdown(Exception):

@@ -1,8 +1,8 @@
 """The node's HTTP API (binds 127.0.0.1 by default).
 
-This first version serves what operators and tests need to read a node: ``/api/status``,
-``/api/metrics`` (per-round history) and ``/healthz``. The dashboard, WebSocket and
-control endpoints build on it (see docs/api.md).
+Serves ``/api/status``, ``/api/metrics`` (per-round history), ``/healthz`` and pairing
+here; node.dashboard adds the page, the WebSocket, control and Prometheus endpoints and
+the Host/Origin guard (docs/api.md).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from . import pair_flow
+from .dashboard import add_dashboard
 from .pairing import DEFAULT_TTL_S, PairingError
 
 if TYPE_CHECKING:
@@ -129,4 +130,7 @@ def build_web_app(node: Node) -> web.Application:
     app.router.add_post("/api/pair/add", pair_add)
     app.router.add_get("/api/pair", pair_list)
     app.router.add_delete("/api/pair/{ident}", pair_remove)
+    # The page, /ws, control and read endpoints, /metrics, and the Host/Origin guard on
+    # every route (node.dashboard).
+    add_dashboard(app, node, node.hub, allowed_hosts=node.allowed_hosts)
     return app

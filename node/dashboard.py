@@ -1,0 +1,620 @@
+"""The browser dashboard and the node's control plane, on the node's aiohttp app.
+
+``add_dashboard`` mounts the page (``/``, ``/static/app.js``, ``/static/style.css``), the
+live WebSocket (``/ws``), the control and read endpoints (``/api/peers``, ``/api/config``,
+``/api/start``, ``/api/stop``, ``/api/events``) and Prometheus ``/metrics`` (see
+docs/api.md). It talks to the node only through the ``Controllable`` protocol, and the node
+pushes live events through an ``EventHub``; neither knows about the other's internals.
+
+Every request is checked by ``host_origin_guard`` (DNS rebinding, CSRF); every mutating
+call needs ``Authorization: Bearer <token>``, and a WebSocket authenticates with its first
+message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import hmac
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import aiohttp
+import psutil
+from aiohttp import WSCloseCode, WSMsgType, hdrs, web
+from aiohttp.typedefs import Handler, Middleware
+
+log = logging.getLogger(__name__)
+
+#: The close code a WebSocket gets when it did not authenticate (contract: 4401).
+WS_UNAUTHORIZED = 4401
+STATUS_UPDATE = "status_update"
+#: Events a subscriber may hold before the drop policy applies.
+DEFAULT_QUEUE_SIZE = 256
+MAX_EVENTS_LIMIT = 1000
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_UNAUTHORIZED = {"error": "missing or wrong API token (see fl-node token)"}
+_STATIC_DIR = Path(__file__).with_name("static")
+#: Everything /static/{name} serves; index.html is served at / only.
+_STATIC_TYPES = {"app.js": "text/javascript", "style.css": "text/css"}
+_PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self';"
+        " img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+}
+_PEER_STATES = ("connected", "relayed", "suspect", "gone", "untrusted")
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+class Controllable(Protocol):
+    """What the dashboard needs from a node. ``node.daemon.Node`` implements it."""
+
+    @property
+    def api_token(self) -> str:
+        """The secret every mutating call must present."""
+        ...
+
+    @property
+    def state(self) -> str:
+        """The node's state word (``training``, ``stopped``, ...)."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """The status object of the contract, ``resources`` included."""
+        ...
+
+    async def metrics(self) -> list[dict[str, Any]]:
+        """One record per completed round, oldest first."""
+        ...
+
+    async def events(self, limit: int) -> list[dict[str, Any]]:
+        """The last ``limit`` event-log entries ``{"ts", "kind", "detail"}``, oldest first."""
+        ...
+
+    def config_view(self) -> dict[str, Any]:
+        """Every configuration key with its current (JSON-able) value."""
+        ...
+
+    def runtime_keys(self) -> frozenset[str]:
+        """The keys ``apply_config`` accepts while the node runs."""
+        ...
+
+    async def apply_config(self, changes: dict[str, Any]) -> list[str]:
+        """Apply all changes or none; return the keys applied.
+
+        Raises ValueError with a message for the user on an unknown or non-runtime key or
+        a bad value.
+        """
+        ...
+
+    async def start_training(self) -> None:
+        """Start (or resume) rounds. Raises ValueError with a reason when it cannot now."""
+        ...
+
+    async def stop_training(self) -> None:
+        """Stop after the current step. Raises ValueError with a reason when it cannot now."""
+        ...
+
+
+# -- the event hub --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HubEvent:
+    """One published event: its type and its WebSocket message, serialised once."""
+
+    type: str
+    text: str
+
+
+class SubscriberLagging(Exception):
+    """The subscriber fell so far behind that events had to be lost; it must resync."""
+
+
+class Subscription:
+    """One WebSocket's bounded queue of hub events.
+
+    A deque and an Event rather than an ``asyncio.Queue``: the drop policy removes the
+    oldest ``status_update`` from the middle of the queue, which a Queue cannot do.
+    When the queue is full, the oldest status update goes (a newer one is queued anyway);
+    with none to drop, a new status update is discarded, and any other event marks the
+    subscriber as lagging: its queue is cleared and ``get`` raises ``SubscriberLagging``,
+    so the socket closes and the browser reconnects and reloads the history.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError("maxsize must be at least 1")
+        self.maxsize = maxsize
+        self.lagging = False
+        #: Status updates dropped so far, for tests and logs.
+        self.dropped = 0
+        self._items: collections.deque[HubEvent] = collections.deque()
+        self._ready = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, event: HubEvent) -> None:
+        """Queue an event without ever blocking; apply the drop policy when full."""
+        if self.lagging:
+            return
+        if len(self._items) >= self.maxsize and not self._drop_oldest_status():
+            if event.type == STATUS_UPDATE:
+                self.dropped += 1
+                return
+            self.lagging = True
+            self._items.clear()
+            self._ready.set()
+            return
+        self._items.append(event)
+        self._ready.set()
+
+    def _drop_oldest_status(self) -> bool:
+        for item in self._items:
+            if item.type == STATUS_UPDATE:
+                self._items.remove(item)
+                self.dropped += 1
+                return True
+        return False
+
+    async def get(self) -> HubEvent:
+        """The next event, waiting for one; raises SubscriberLagging once lagging."""
+        while not self._items:
+            if self.lagging:
+                raise SubscriberLagging
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
+
+
+def _message(type_: str, data: Any, ts: float | None = None) -> str:
+    return json.dumps({"type": type_, "data": data, "ts": time.time() if ts is None else ts})
+
+
+class EventHub:
+    """Fans the node's live events out to every connected WebSocket.
+
+    Call ``publish`` from the node's event loop only (it is not thread-safe). It never
+    blocks and never grows without bound: each subscriber has its own bounded queue (see
+    ``Subscription``), and a subscriber that lags is dropped from the hub.
+    """
+
+    def __init__(self, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+        self.queue_size = queue_size
+        self._subscribers: set[Subscription] = set()
+
+    @property
+    def subscriber_count(self) -> int:
+        """How many subscriptions receive events now."""
+        return len(self._subscribers)
+
+    def subscribe(self) -> Subscription:
+        """A new subscription; pair it with ``unsubscribe``."""
+        sub = Subscription(self.queue_size)
+        self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Stop delivering to ``sub`` (idempotent)."""
+        self._subscribers.discard(sub)
+
+    def publish(self, type: str, data: Mapping[str, Any], ts: float | None = None) -> None:
+        """Send ``{"type", "data", "ts"}`` to every subscriber (``ts``: now by default).
+
+        ``data`` must be JSON-serialisable; it is serialised here, once.
+        """
+        event = HubEvent(type, _message(type, dict(data), ts))
+        for sub in list(self._subscribers):
+            sub.put(event)
+            if sub.lagging:
+                self._subscribers.discard(sub)
+
+
+# -- resources and Prometheus ---------------------------------------------------------
+
+
+@functools.cache
+def _process() -> psutil.Process:
+    proc = psutil.Process()
+    proc.cpu_percent(None)  # the first reading is always 0.0; later ones measure since
+    return proc
+
+
+def resources() -> dict[str, float | int]:
+    """The contract's ``resources`` object for this process, for the node's status."""
+    proc = _process()
+    with proc.oneshot():
+        cpu = proc.cpu_percent(None)
+        rss = proc.memory_info().rss
+        memory_percent = proc.memory_percent()
+    net = psutil.net_io_counters()
+    return {
+        "cpu_percent": cpu,
+        "memory_rss": rss,
+        "memory_percent": round(memory_percent, 3),
+        "net_bytes_sent": net.bytes_sent if net else 0,
+        "net_bytes_recv": net.bytes_recv if net else 0,
+    }
+
+
+def _sample_value(value: object) -> str | None:
+    """A sample value in exposition syntax, or None for no sample (missing or NaN)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return None
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def _label_value(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus_text(status: Mapping[str, Any]) -> str:
+    """The node's metrics in the Prometheus text exposition format 0.0.4.
+
+    A sample whose value is missing, null or NaN is left out, and so is a family left with
+    no samples (``fl_node_epsilon`` appears only when privacy is on).
+    """
+    node = {"node_id": str(status.get("node_id", ""))}
+    res = status.get("resources") or {}
+    traffic = status.get("traffic") or {}
+    privacy = status.get("privacy")
+    peers = collections.Counter(str(p.get("state")) for p in status.get("peers") or []
+                                if isinstance(p, dict))
+    families: list[tuple[str, str, str, list[tuple[dict[str, str], object]]]] = [
+        ("fl_node_round", "gauge", "Completed federated-learning rounds.",
+         [(node, status.get("round"))]),
+        ("fl_node_rounds_planned", "gauge", "Rounds the federation is configured to run.",
+         [(node, status.get("rounds_total"))]),
+        ("fl_node_accuracy", "gauge", "Accuracy of the latest evaluated global model.",
+         [(node, status.get("accuracy"))]),
+        ("fl_node_loss", "gauge", "Loss of the latest evaluated global model.",
+         [(node, status.get("loss"))]),
+        ("fl_node_peers", "gauge", "Known peers by state.",
+         [({**node, "state": s}, peers.get(s, 0)) for s in sorted({*_PEER_STATES, *peers})]),
+        ("fl_node_bytes_sent_total", "counter", "Bytes sent to peers.",
+         [(node, traffic.get("bytes_sent"))]),
+        ("fl_node_bytes_received_total", "counter", "Bytes received from peers.",
+         [(node, traffic.get("bytes_received"))]),
+        ("fl_node_epsilon", "gauge", "Differential-privacy budget spent (epsilon).",
+         [(node, privacy.get("epsilon"))] if isinstance(privacy, dict) else []),
+        ("fl_node_cpu_percent", "gauge", "CPU used by the node process, percent of one core.",
+         [(node, res.get("cpu_percent"))]),
+        ("fl_node_memory_rss_bytes", "gauge", "Resident memory of the node process.",
+         [(node, res.get("memory_rss"))]),
+    ]
+    lines: list[str] = []
+    for name, kind, help_text, samples in families:
+        rendered = []
+        for labels, value in samples:
+            text = _sample_value(value)
+            if text is not None:
+                label_text = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
+                rendered.append(f"{name}{{{label_text}}} {text}")
+        if rendered:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *rendered]
+    return "\n".join(lines) + "\n"
+
+
+# -- Host and Origin ------------------------------------------------------------------
+
+
+def _host_port(host: str, default_port: int | None) -> str | None:
+    """``host[:port]`` as a lower-case ``host:port`` (IPv6 in brackets), or None if bad."""
+    if not host or any(c in host for c in "/?#@\\ "):
+        return None
+    try:
+        parts = urlsplit("//" + host)
+        port = parts.port
+    except ValueError:
+        return None
+    name = parts.hostname
+    port = port if port is not None else default_port
+    if not name or port is None:
+        return None
+    return f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
+
+
+def _origin_host_port(origin: str) -> str | None:
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return None
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    if default is None or parts.path not in ("", "/") or parts.query or parts.username:
+        return None
+    return _host_port(parts.netloc, default)
+
+
+def allowed_hosts_for(bind_host: str, port: int, extra: Iterable[str] = ()) -> set[str]:
+    """The ``host:port`` strings a node's web server answers to.
+
+    Always the loopback names; the bind address too unless it is a wildcard; and each
+    ``extra`` host name, with ``:port`` appended when it names no port.
+    """
+    hosts = {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
+    names = [] if bind_host in _WILDCARD_HOSTS else [bind_host]
+    for name in [*names, *extra]:
+        if name.count(":") > 1 and not name.startswith("["):  # a bare IPv6 address
+            name = f"[{name}]"
+        normal = _host_port(name, port)
+        if normal is None:
+            raise ValueError(f"{name!r}: not a host name or host:port")
+        hosts.add(normal)
+    return hosts
+
+
+def _foreign(request: web.Request, allowed_hosts: Collection[str]) -> str | None:
+    """Why the request must be refused (foreign Host or Origin), or None."""
+    allowed = {n for h in allowed_hosts if (n := _host_port(h, None)) is not None}
+    default_port = 443 if request.secure else 80
+    if _host_port(request.headers.get(hdrs.HOST, ""), default_port) not in allowed:
+        return "forbidden Host header"
+    origin = request.headers.get(hdrs.ORIGIN)
+    if origin is not None and _origin_host_port(origin) not in allowed:
+        return "forbidden Origin header"
+    return None
+
+
+def host_origin_guard(allowed_hosts: Collection[str]) -> Middleware:
+    """Middleware that answers 403 to a foreign Host or Origin header.
+
+    ``allowed_hosts`` holds ``host:port`` strings and is read on every request, not
+    copied, so a server that binds port 0 can fill it in once it knows its port.
+    A request without an Origin header (curl, the TUI) is judged by its Host alone.
+    """
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        reason = _foreign(request, allowed_hosts)
+        if reason is not None:
+            return web.json_response({"error": reason}, status=403)
+        return await handler(request)
+
+    return guard
+
+
+# -- the routes -----------------------------------------------------------------------
+
+
+def _bearer_ok(request: web.Request, token: str) -> bool:
+    header = request.headers.get(hdrs.AUTHORIZATION, "")
+    given = header[7:] if header.startswith("Bearer ") else ""
+    return bool(token) and hmac.compare_digest(given.encode(), token.encode())
+
+
+def _error(text: str, status: int) -> web.Response:
+    return web.json_response({"error": text}, status=status)
+
+
+def _client_message(msg: aiohttp.WSMessage) -> dict[str, Any]:
+    """A client's JSON object message; empty for anything else."""
+    if msg.type is not WSMsgType.TEXT:
+        return {}
+    try:
+        body = json.loads(msg.data)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+class _Dashboard:
+    """The handlers, bound to one node and hub."""
+
+    def __init__(self, node: Controllable, hub: EventHub, *, auth_timeout: float,
+                 status_interval: float) -> None:
+        self.node = node
+        self.hub = hub
+        self.auth_timeout = auth_timeout
+        self.status_interval = status_interval
+        self.index_html = (_STATIC_DIR / "index.html").read_bytes()
+        self.static = {name: (_STATIC_DIR / name).read_bytes() for name in _STATIC_TYPES}
+        self.sockets: set[web.WebSocketResponse] = set()
+
+    # -- page and static files
+
+    async def index(self, request: web.Request) -> web.Response:
+        """GET /: the dashboard page."""
+        return web.Response(body=self.index_html, content_type="text/html", charset="utf-8",
+                            headers=_PAGE_HEADERS)
+
+    async def static_file(self, request: web.Request) -> web.Response:
+        """GET /static/{name}: app.js or style.css, nothing else."""
+        name = request.match_info["name"]
+        if name not in self.static:
+            return _error("not found", 404)
+        return web.Response(body=self.static[name], content_type=_STATIC_TYPES[name],
+                            charset="utf-8", headers=_PAGE_HEADERS)
+
+    # -- read endpoints
+
+    async def peers(self, request: web.Request) -> web.Response:
+        """GET /api/peers: the peers of the status object."""
+        return web.json_response({"peers": self.node.status().get("peers", [])})
+
+    async def config(self, request: web.Request) -> web.Response:
+        """GET /api/config: every key and value, and which keys POST can change."""
+        return web.json_response({"config": self.node.config_view(),
+                                  "runtime": sorted(self.node.runtime_keys())})
+
+    async def events(self, request: web.Request) -> web.Response:
+        """GET /api/events?limit=N: the node's recent event log, oldest first."""
+        text = request.query.get("limit", "100")
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_EVENTS_LIMIT:
+            return _error(f"limit: a whole number from 1 to {MAX_EVENTS_LIMIT}", 400)
+        return web.json_response({"events": await self.node.events(int(text))})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        """GET /metrics: Prometheus text format."""
+        return web.Response(body=prometheus_text(self.node.status()).encode(),
+                            headers={hdrs.CONTENT_TYPE: PROMETHEUS_CONTENT_TYPE})
+
+    # -- control endpoints (token)
+
+    async def set_config(self, request: web.Request) -> web.Response:
+        """POST /api/config {key: value, ...}: apply runtime settings, all or none."""
+        if not _bearer_ok(request, self.node.api_token):
+            return web.json_response(_UNAUTHORIZED, status=401)
+        try:
+            changes = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return _error("body must be JSON", 400)
+        if not isinstance(changes, dict):
+            return _error("body must be a JSON object", 400)
+        try:
+            applied = await self.node.apply_config(changes)
+        except ValueError as exc:
+            return _error(str(exc), 400)
+        return web.json_response({"config": self.node.config_view(), "applied": applied})
+
+    async def start(self, request: web.Request) -> web.Response:
+        """POST /api/start: start or resume training."""
+        return await self._control(request, self.node.start_training)
+
+    async def stop(self, request: web.Request) -> web.Response:
+        """POST /api/stop: stop training."""
+        return await self._control(request, self.node.stop_training)
+
+    async def _control(self, request: web.Request,
+                       action: Callable[[], Awaitable[None]]) -> web.Response:
+        if not _bearer_ok(request, self.node.api_token):
+            return web.json_response(_UNAUTHORIZED, status=401)
+        try:
+            await action()
+        except ValueError as exc:
+            return _error(str(exc), 409)
+        return web.json_response({"state": self.node.state})
+
+    # -- the WebSocket
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        """GET /ws: authenticate, say hello, then stream events and status updates."""
+        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=4096)
+        await ws.prepare(request)
+        self.sockets.add(ws)
+        try:
+            if await self._authenticate(ws):
+                await self._serve(ws)
+        except* ConnectionResetError:
+            pass  # the browser went away while we were sending: nothing left to do
+        finally:
+            self.sockets.discard(ws)
+        return ws
+
+    async def _authenticate(self, ws: web.WebSocketResponse) -> bool:
+        try:
+            first = _client_message(await ws.receive(timeout=self.auth_timeout))
+        except TimeoutError:
+            first = {}
+        token = first.get("token") if first.get("type") == "auth" else None
+        if isinstance(token, str) and hmac.compare_digest(token.encode(),
+                                                          self.node.api_token.encode()):
+            return True
+        if not ws.closed:
+            await ws.send_json({"type": "error", "error": "unauthorized"})
+            await ws.close(code=WS_UNAUTHORIZED, message=b"unauthorized")
+        return False
+
+    async def _serve(self, ws: web.WebSocketResponse) -> None:
+        sub = self.hub.subscribe()
+        try:
+            await ws.send_str(_message("hello", self.node.status()))
+            async with asyncio.TaskGroup() as tg:
+                pump = tg.create_task(self._pump(ws, sub))
+                await self._receive(ws)
+                pump.cancel()
+        finally:
+            self.hub.unsubscribe(sub)
+
+    async def _pump(self, ws: web.WebSocketResponse, sub: Subscription) -> None:
+        """Forward hub events; send a fresh status whenever none went out for an interval."""
+        loop = asyncio.get_running_loop()
+        last_status = loop.time()  # the hello carried one
+        while True:
+            event: HubEvent | None = None
+            wait = last_status + self.status_interval - loop.time()
+            if wait > 0:
+                try:
+                    async with asyncio.timeout(wait):
+                        event = await sub.get()
+                except TimeoutError:
+                    pass  # time for a status update
+                except SubscriberLagging:
+                    log.info("dashboard socket fell %d events behind; closed so it resyncs",
+                             sub.maxsize)
+                    await ws.close(code=WSCloseCode.TRY_AGAIN_LATER,
+                                   message=b"too slow: reconnect")
+                    return
+            if event is None:
+                await ws.send_str(_message(STATUS_UPDATE, self.node.status()))
+                last_status = loop.time()
+                continue
+            await ws.send_str(event.text)
+            if event.type == STATUS_UPDATE:
+                last_status = loop.time()
+
+    async def _receive(self, ws: web.WebSocketResponse) -> None:
+        """Handle the client's ``start`` and ``stop`` messages until it closes."""
+        actions = {"start": self.node.start_training, "stop": self.node.stop_training}
+        async for msg in ws:
+            if msg.type is WSMsgType.ERROR:
+                return
+            action = actions.get(str(_client_message(msg).get("type")))
+            if action is None:
+                await ws.send_json({"type": "error", "error": "unknown message"})
+                continue
+            try:
+                await action()
+            except ValueError as exc:
+                await ws.send_json({"type": "error", "error": str(exc)})
+                continue
+            await ws.send_str(_message(STATUS_UPDATE, self.node.status()))
+
+    async def close_sockets(self, app: web.Application) -> None:
+        """on_shutdown: tell every browser the node is going away (they reconnect)."""
+        for ws in list(self.sockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"node shutting down")
+
+
+def add_dashboard(app: web.Application, node: Controllable, hub: EventHub, *,
+                  allowed_hosts: Collection[str], auth_timeout: float = 5.0,
+                  status_interval: float = 1.0) -> None:
+    """Mount the dashboard, control API, WebSocket and /metrics on ``app``.
+
+    Also installs ``host_origin_guard(allowed_hosts)`` as the app's first middleware, so
+    every route of the app (not only these) refuses foreign Host and Origin headers.
+    ``auth_timeout`` is how long a WebSocket has to authenticate; ``status_interval`` the
+    longest gap between two status updates on a socket.
+    """
+    dash = _Dashboard(node, hub, auth_timeout=auth_timeout, status_interval=status_interval)
+    app.middlewares.insert(0, host_origin_guard(allowed_hosts))
+    app.router.add_get("/", dash.index)
+    app.router.add_get("/static/{name}", dash.static_file)
+    app.router.add_get("/ws", dash.websocket)
+    app.router.add_get("/api/peers", dash.peers)
+    app.router.add_get("/api/config", dash.config)
+    app.router.add_post("/api/config", dash.set_config)
+    app.router.add_post("/api/start", dash.start)
+    app.router.add_post("/api/stop", dash.stop)
+    app.router.add_get("/api/events", dash.events)
+    app.router.add_get("/metrics", dash.prometheus)
+    app.on_shutdown.append(dash.close_sockets)
