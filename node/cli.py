@@ -474,6 +474,8 @@ def format_status(s: dict[str, Any]) -> str:
         f"state {s['state']}  round {s['round']}/{s['rounds_total']}  accuracy {acc}"
         f"  loss {loss}",
         f"aggregator {s.get('aggregator') or '-'}  model {s['model_hash'][:16]}",
+        f"mode {s.get('mode', '-')}  quorum {s.get('quorum', {}).get('have', '-')}"
+        f"/{s.get('quorum', {}).get('need', '-')}  offline steps {s.get('offline_steps', 0)}",
         f"peers ({len(s['peers'])}):",
     ]
     for p in s["peers"]:

@@ -92,3 +92,42 @@ async def test_a_node_below_quorum_trains_offline_and_resumes_its_offline_model(
     path.write_bytes(path.read_bytes()[:-5])
     third = lone()
     assert third.resumed_offline_step == 0 and third.machine.local_digest is None
+
+
+async def test_a_stopped_node_is_left_out_and_rejoins_when_started(tmp_path, no_leaked_tasks,
+                                                                    monkeypatch):
+    monkeypatch.setenv("FL_NODE_FEDERATION_SECRET", "in-process test federation secret")
+
+    def member(i: int, peers=()) -> Node:
+        return Node(NodeConfig(name=f"n{i}", state_dir=str(tmp_path / f"n{i}"),
+                               host="127.0.0.1", port=0, web_port=0, rounds=40, wait_peers=i,
+                               min_peers=1, heartbeat_interval=0.1, mdns=False,
+                               peers=tuple(f"127.0.0.1:{p.peer_port}" for p in peers)),
+                    FakeLearner(i, delay=0.05))
+
+    first = member(0)
+    async with running([first]):
+        second = member(1, [first])
+        async with running([second]):
+            third = member(2, [first, second])
+            async with running([third]):
+                nodes = [first, second, third]
+                await _wait(lambda: all(n.machine.completed >= 2 for n in nodes))
+                await third.stop_training()
+                assert third.state == "stopped"
+                stopped_at = third.machine.completed
+                # the others see it stopped and carry on as two (still a quorum of 2)
+                await _wait(lambda: first.machine.completed >= stopped_at + 3)
+                late = [r for r in first.history if r.round > stopped_at + 1]
+                assert late and all(r.contributors == 2 for r in late)
+                # it trained no more (it still follows the global model, so a start
+                # resumes from the federation's latest round)
+                assert max(third.learner.trained_rounds) <= stopped_at + 1
+                assert third.state == "stopped"
+                await third.start_training()
+                target = first.machine.completed + 2
+                await _wait(lambda: all(n.machine.completed >= target for n in nodes))
+                await _wait(lambda: any(r.contributors == 3 for r in first.history
+                                        if r.round >= target), 30)
+                kinds = [e["kind"] for e in await third.events(100)]
+    assert "training_stopped" in kinds and "training_started" in kinds
