@@ -43,6 +43,7 @@ from protocol.identity import Identity, node_id_from_key
 from protocol.messages import (
     NONCE_LEN,
     Announce,
+    Delta,
     Heartbeat,
     Hello,
     Message,
@@ -486,7 +487,7 @@ class NodeCore:
                 self.serve_model(env.sender)
         elif isinstance(msg, Announce):
             self._on_announce(env.sender, msg, now)
-        elif isinstance(msg, Update):
+        elif isinstance(msg, Update | Delta):
             if st is None or not st.member:
                 raise ProtocolError(f"update from {node_id_from_key(env.sender)},"
                                     " not a member")

@@ -367,7 +367,7 @@ class Node(ControlMixin):
                     raise ProtocolError("does not hold the model of its round")
                 if msg.digest != digest or weights_digest(msg.weights) != digest:
                     raise ProtocolError("weights do not match their digest")
-                self.machine.check_spec(msg.weights, "checkpoint")
+                self.machine.check_spec(msg.weights, "checkpoint", state=True)
             except ProtocolError as exc:
                 raise CheckpointError(exc.reason) from None
             if round_number > self.config.rounds:

@@ -141,6 +141,51 @@ class Update:
 
 
 @dataclass(frozen=True)
+class Delta:
+    """A member's update sent compressed: ``weights`` hold the codec's encoding of the
+    difference between its trained weights and the round's global model ``base``
+    (``codec``: ``fp16``, ``int8`` or ``topk:FRACTION``; see ml/compress.py). Only an
+    aggregator holding the model ``base`` can use it."""
+
+    TYPE = "delta"
+    round: int
+    attempt: int
+    base: bytes
+    num_examples: int
+    loss: float
+    train_seconds: float
+    codec: str
+    weights: list[Tensor] = field(repr=False)
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "round": self.round, "attempt": self.attempt, "base": self.base,
+            "n": self.num_examples, "loss": self.loss, "secs": self.train_seconds,
+            "codec": self.codec, "weights": weights_to_wire(self.weights),
+        }
+
+    @classmethod
+    def from_body(cls, body: Any) -> Delta:
+        b = _fields(body, "delta", {"round": int, "attempt": int, "base": bytes, "n": int,
+                                    "loss": (float, int), "secs": (float, int), "codec": str,
+                                    "weights": list})
+        if b["round"] < 1:
+            raise ProtocolError("delta.round: must be >= 1")
+        if not 0 < len(b["codec"]) <= 32:
+            raise ProtocolError("delta.codec: 1 to 32 characters")
+        return cls(
+            round=_count("delta", "round", b["round"]),
+            attempt=_count("delta", "attempt", b["attempt"]),
+            base=_bin("delta", "base", b["base"], HASH_LEN),
+            num_examples=_count("delta", "n", b["n"]),
+            loss=_finite("delta", "loss", b["loss"]),
+            train_seconds=_finite("delta", "secs", b["secs"]),
+            codec=b["codec"],
+            weights=weights_from_wire(b["weights"]),
+        )
+
+
+@dataclass(frozen=True)
 class Model:
     """The global model of ``round``, published by that round's aggregator."""
 
@@ -349,12 +394,13 @@ class PairAccept:
         return cls(b["name"], _bin("pair_accept", "requester", b["requester"], KEY_LEN))
 
 
-Message = Hello | Update | Model | Share | Heartbeat | Relay | Announce | PairRequest | PairAccept
+Message = Hello | Update | Delta | Model | Share | Heartbeat | Relay | Announce | PairRequest | PairAccept
 
 #: type name -> body decoder. A type not in here is refused.
 DECODERS: Mapping[str, Callable[[Any], Message]] = {
     Hello.TYPE: Hello.from_body,
     Update.TYPE: Update.from_body,
+    Delta.TYPE: Delta.from_body,
     Model.TYPE: Model.from_body,
     Share.TYPE: Share.from_body,
     Heartbeat.TYPE: Heartbeat.from_body,

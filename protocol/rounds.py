@@ -46,8 +46,11 @@ from dataclasses import dataclass, field, replace
 
 from .election import ranking
 from .errors import ProtocolError
-from .messages import Model, Share, Update
+from .messages import Delta, Model, Share, Update
 from .tensors import Tensor, weights_digest
+
+#: Name prefix of strategy-state tensors a global model may carry (``check_spec``).
+STATE_PREFIX = "fl.opt."
 
 #: Peer states (reported in heartbeats) in which a member does not take part in rounds.
 NON_PARTICIPATING = frozenset({"stopped", "done"})
@@ -353,9 +356,11 @@ class RoundMachine:
         else:
             self._check_collect(now)
 
-    def on_update(self, sender: bytes, update: Update, now: float) -> None:
-        """An update from a member. Raises ProtocolError if it cannot be valid."""
-        self.check_spec(update.weights, "update")
+    def on_update(self, sender: bytes, update: Update | Delta, now: float) -> None:
+        """An update from a member, in full or as a compressed delta (checked when it is
+        decoded against the base model). Raises ProtocolError if it cannot be valid."""
+        if isinstance(update, Update):
+            self.check_spec(update.weights, "update")
         started = self._collect_started.get(update.round)
         if update.round == self.completed and started is not None:
             self.deadlines.lags.append(now - started)  # came after we aggregated
@@ -363,7 +368,12 @@ class RoundMachine:
             self._note("update_ignored", f"round {update.round} while at {self.current}")
             return
         # Whatever model it was trained from (an offline average, the other side of a
-        # split): averaging full weights merges the lines (the reconcile rule).
+        # split): averaging full weights merges the lines (the reconcile rule). A delta
+        # can only be added to the model it was computed from.
+        if isinstance(update, Delta) and update.round == self.current and (
+                update.base != self.model_digest):
+            self._note("update_ignored", "a compressed update from another base model")
+            return
         self.updates.setdefault(update.round, {})[sender] = update
         if update.round == self.current and self.phase is Phase.COLLECTING:
             self.deadlines.lags.append(now - (started if started is not None else now))
@@ -386,7 +396,7 @@ class RoundMachine:
         if model.round > self.rounds_total:
             raise ProtocolError(f"model: round {model.round} is beyond the run's"
                                 f" {self.rounds_total} rounds")
-        self.check_spec(model.weights, "model")
+        self.check_spec(model.weights, "model", state=True)
         if model.round <= self.completed:
             if model.round == self.completed and model.digest != self.model_digest:
                 self._note("model_conflict", f"a second model for round {model.round}"
@@ -478,11 +488,23 @@ class RoundMachine:
     def _note(self, kind: str, detail: str) -> None:
         self.outbox.append(Note(kind, detail))
 
-    def check_spec(self, weights: list[Tensor], what: str) -> None:
-        """ProtocolError unless ``weights`` have the federation's names, dtypes, shapes."""
+    def check_spec(self, weights: list[Tensor], what: str, *, state: bool = False) -> None:
+        """ProtocolError unless ``weights`` have the federation's names, dtypes, shapes.
+
+        ``state``: a global model may also carry its aggregation strategy's state after
+        the model's tensors: float32 tensors named ``fl.opt.<slot>.<tensor name>`` with
+        that tensor's shape (FedAdam and FedYogi keep their moments there)."""
         got = [(t.name, t.dtype, t.shape) for t in weights]
-        if got != self.spec:
+        n = len(self.spec)
+        if got[:n] != self.spec or (got[n:] and not state):
             raise ProtocolError(f"{what}: tensors do not match the federation's model")
+        shapes = {name: shape for name, _, shape in self.spec}
+        for name, dtype, shape in got[n:]:
+            slot, _, of = name[len(STATE_PREFIX):].partition(".")
+            if (not name.startswith(STATE_PREFIX) or not slot.isalnum() or dtype != "float32"
+                    or shapes.get(of) != shape):
+                raise ProtocolError(f"{what}: tensor {name[:60]!r} is neither the model's nor"
+                                    " strategy state")
 
     def _begin_round(self, now: float) -> None:
         if self._paused:
