@@ -103,6 +103,27 @@ class Hello:
         )
 
 
+#: The body fields an update and a delta share (with their wire types).
+_UPDATE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "round": int, "attempt": int, "base": bytes, "n": int, "loss": (float, int),
+    "secs": (float, int), "weights": list,
+}
+
+
+def _update_values(kind: str, b: dict[str, Any]) -> dict[str, Any]:
+    """The checked values of the fields an update and a delta share (not the weights)."""
+    if b["round"] < 1:
+        raise ProtocolError(f"{kind}.round: must be >= 1")
+    return {
+        "round": _count(kind, "round", b["round"]),
+        "attempt": _count(kind, "attempt", b["attempt"]),
+        "base": _bin(kind, "base", b["base"], HASH_LEN),
+        "num_examples": _count(kind, "n", b["n"]),
+        "loss": _finite(kind, "loss", b["loss"]),
+        "train_seconds": _finite(kind, "secs", b["secs"]),
+    }
+
+
 @dataclass(frozen=True)
 class Update:
     """A member's locally trained model for ``round``, sent to that round's aggregator."""
@@ -125,19 +146,8 @@ class Update:
 
     @classmethod
     def from_body(cls, body: Any) -> Update:
-        b = _fields(body, "update", {"round": int, "attempt": int, "base": bytes, "n": int,
-                                     "loss": (float, int), "secs": (float, int), "weights": list})
-        if b["round"] < 1:
-            raise ProtocolError("update.round: must be >= 1")
-        return cls(
-            round=_count("update", "round", b["round"]),
-            attempt=_count("update", "attempt", b["attempt"]),
-            base=_bin("update", "base", b["base"], HASH_LEN),
-            num_examples=_count("update", "n", b["n"]),
-            loss=_finite("update", "loss", b["loss"]),
-            train_seconds=_finite("update", "secs", b["secs"]),
-            weights=weights_from_wire(b["weights"]),
-        )
+        b = _fields(body, "update", _UPDATE_FIELDS)
+        return cls(**_update_values("update", b), weights=weights_from_wire(b["weights"]))
 
 
 @dataclass(frozen=True)
@@ -166,23 +176,11 @@ class Delta:
 
     @classmethod
     def from_body(cls, body: Any) -> Delta:
-        b = _fields(body, "delta", {"round": int, "attempt": int, "base": bytes, "n": int,
-                                    "loss": (float, int), "secs": (float, int), "codec": str,
-                                    "weights": list})
-        if b["round"] < 1:
-            raise ProtocolError("delta.round: must be >= 1")
+        b = _fields(body, "delta", {**_UPDATE_FIELDS, "codec": str})
         if not 0 < len(b["codec"]) <= 32:
             raise ProtocolError("delta.codec: 1 to 32 characters")
-        return cls(
-            round=_count("delta", "round", b["round"]),
-            attempt=_count("delta", "attempt", b["attempt"]),
-            base=_bin("delta", "base", b["base"], HASH_LEN),
-            num_examples=_count("delta", "n", b["n"]),
-            loss=_finite("delta", "loss", b["loss"]),
-            train_seconds=_finite("delta", "secs", b["secs"]),
-            codec=b["codec"],
-            weights=weights_from_wire(b["weights"]),
-        )
+        return cls(**_update_values("delta", b), codec=b["codec"],
+                   weights=weights_from_wire(b["weights"]))
 
 
 @dataclass(frozen=True)
