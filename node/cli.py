@@ -117,6 +117,30 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--num-partitions", type=int, help="how many shards the data is"
                        " split into (one per node)")
     start.add_argument("--partition-index", type=int, help="which shard this node trains on")
+    ml = start.add_argument_group("aggregation, compression and privacy (docs/strategies.md)")
+    ml.add_argument("--strategy", help="fedavg (default), fedprox, fedadam, fedyogi, median,"
+                    " trimmed-mean, krum, multi-krum, or package.module:Name (your own)")
+    ml.add_argument("--mu", type=float, help="FedProx proximal term (default 0.01)")
+    ml.add_argument("--trim-beta", type=float, help="trimmed mean: fraction cut at each end"
+                    " (default 0.1)")
+    ml.add_argument("--krum-f", type=int, help="Krum/Multi-Krum: attackers tolerated"
+                    " (default 1)")
+    ml.add_argument("--multi-krum-m", type=int, help="Multi-Krum: updates averaged"
+                    " (default n - f)")
+    ml.add_argument("--server-lr", type=float, help="FedAdam/FedYogi server learning rate")
+    ml.add_argument("--clip-norm", type=float, help="clip each update's change to this L2"
+                    " norm before aggregating")
+    ml.add_argument("--compress", help="updates on the wire: none (default), fp16, int8,"
+                    " topk:FRACTION (with error feedback)")
+    ml.add_argument("--dp", action="store_true", default=None, help="local DP-SGD (Opacus)"
+                    " with a lifetime privacy budget")
+    ml.add_argument("--target-epsilon", type=float, help="the budget: training stops before"
+                    " it would be exceeded")
+    ml.add_argument("--delta", type=float, help="DP delta (default 1e-5)")
+    ml.add_argument("--max-grad-norm", type=float, help="DP per-sample gradient clip"
+                    " (default 1.0)")
+    ml.add_argument("--noise-multiplier", type=float, help="DP noise (default: derived from"
+                    " --target-epsilon for the planned rounds)")
     start.add_argument("--web-public", action="store_true", default=None,
                        help="allow --web-host to be a non-loopback address (the API token"
                        " still guards every change; a warning is logged)")

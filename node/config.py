@@ -127,6 +127,19 @@ class NodeConfig:
     local_epochs: int = 2
     batch_size: int = 32
     lr: float = 0.05
+    strategy: str = "fedavg"
+    mu: float = 0.01
+    trim_beta: float = 0.1
+    krum_f: int = 1
+    multi_krum_m: int | None = None
+    server_lr: float | None = None
+    clip_norm: float | None = None
+    compress: str = "none"
+    dp: bool = False
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
     round_timeout: float = 60.0
     start_timeout: float = 60.0
     heartbeat_interval: float = 1.0
@@ -195,6 +208,20 @@ class NodeConfig:
         need(self.local_epochs >= 1, "--local-epochs: must be >= 1")
         need(self.batch_size >= 1, "--batch-size: must be >= 1")
         need(0 < self.lr <= 10, f"--lr {self.lr}: must be in (0, 10]")
+        need(self.mu >= 0, f"--mu {self.mu}: must be >= 0")
+        need(0 <= self.trim_beta < 0.5, f"--trim-beta {self.trim_beta}: must be in [0, 0.5)")
+        need(self.krum_f >= 0, f"--krum-f {self.krum_f}: must be >= 0")
+        need(self.multi_krum_m is None or self.multi_krum_m >= 1, "--multi-krum-m: must be >= 1")
+        need(self.server_lr is None or self.server_lr > 0, "--server-lr: must be > 0")
+        need(self.clip_norm is None or self.clip_norm > 0, "--clip-norm: must be > 0")
+        need(self.target_epsilon is None or self.target_epsilon > 0,
+             "--target-epsilon: must be > 0")
+        need(0 < self.delta < 1, f"--delta {self.delta}: must be in (0, 1)")
+        need(self.max_grad_norm > 0, f"--max-grad-norm {self.max_grad_norm}: must be > 0")
+        need(self.noise_multiplier is None or self.noise_multiplier > 0,
+             "--noise-multiplier: must be > 0")
+        need(not self.dp or self.target_epsilon is not None or self.noise_multiplier is not None,
+             "--dp needs --target-epsilon (a budget) or --noise-multiplier")
         need(self.round_timeout > 0, "--round-timeout: must be > 0")
         need(self.start_timeout >= 0, "--start-timeout: must be >= 0")
         need(self.heartbeat_interval > 0, "--heartbeat-interval: must be > 0")
@@ -221,7 +248,9 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             return int(value)
         if kind == "int | None":
             return None if value in (None, "") else int(value)
-        if kind == "float":
+        if kind in ("float", "float | None"):
+            if kind == "float | None" and value in (None, ""):
+                return None
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
