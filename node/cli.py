@@ -26,10 +26,17 @@ from .config import (
 )
 
 EXIT_USAGE = 2
+#: Set in the node process that ``fl-node start --tui`` runs, so that it never runs a UI.
+TUI_CHILD_ENV = "FL_NODE_TUI_CHILD"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that exits with 2 and a one-line reason (its default, kept explicit)."""
+    """argparse that exits with 2 and a one-line reason (its default, kept explicit), and
+    takes no abbreviated options (``start --tui`` re-runs its own arguments)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
@@ -229,7 +236,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"fl-node start: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.tui:
+    if args.tui and not os.environ.get(TUI_CHILD_ENV):
         return _start_with_tui(config)
     setup_logging(config.log_level, config.log_file, config.name)
     if not is_loopback(config.web_host):
@@ -288,7 +295,13 @@ def _start_with_tui(config: Any) -> int:
         argv += ["--log-file", str(state_dir / "node.log")]
     with open(os.devnull, "wb") as quiet:
         child = subprocess.Popen([sys.executable, "-m", "node.cli", *argv],
-                                 stdout=quiet, stderr=quiet)
+                                 stdout=quiet, stderr=quiet,
+                                 env={**os.environ, TUI_CHILD_ENV: "1"})
+
+    def hang_up(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # the terminal closed: stop the node (finally)
+
+    signal.signal(signal.SIGHUP, hang_up)
     try:
         deadline = _time.monotonic() + 120
         while True:

@@ -735,7 +735,8 @@ def local_addresses() -> list[str]:
 
 
 def install_signal_handlers(node: Node) -> None:
-    """SIGINT and SIGTERM ask the node to shut down gracefully."""
+    """SIGINT, SIGTERM and SIGHUP (its terminal closed) ask the node to shut down
+    gracefully."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, node.request_shutdown)

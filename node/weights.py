@@ -21,7 +21,9 @@ def to_tensors(weights: Mapping[str, np.ndarray]) -> list[Tensor]:
         dtype = str(arr.dtype)
         if dtype not in DTYPE_ITEMSIZE:
             raise ValueError(f"{name}: dtype {dtype} cannot travel on the wire")
-        out.append(Tensor(name, dtype, tuple(arr.shape), memoryview(arr).cast("B")))
+        # A view avoids a copy of large tensors; an empty one cannot be cast (zero shape).
+        data = memoryview(arr).cast("B") if arr.size else b""
+        out.append(Tensor(name, dtype, tuple(arr.shape), data))
     return out
 
 

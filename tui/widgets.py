@@ -252,7 +252,8 @@ class TopologyView(Widget):
 
 
 class ResourcesView(Widget):
-    """CPU, memory and traffic of the node process, and the privacy budget spent."""
+    """CPU and memory of the node process, the host's network totals, the node's peer
+traffic, and the privacy budget spent."""
 
     DEFAULT_CSS = """
     ResourcesView { height: auto; }
@@ -267,7 +268,7 @@ class ResourcesView(Widget):
         cpu = f"{r.cpu_percent:.0f}%" if r.cpu_percent is not None else "-"
         text.append("CPU ").append(cpu, style="bold")
         text.append("  RSS ").append(human_bytes(r.memory_rss), style="bold")
-        text.append("\nnet   ↑").append(human_bytes(r.net_bytes_sent), style="bold")
+        text.append("\nhost net ↑").append(human_bytes(r.net_bytes_sent), style="bold")
         text.append(" ↓").append(human_bytes(r.net_bytes_recv), style="bold")
         text.append("\npeers ↑").append(human_bytes(s.bytes_sent), style="bold")
         text.append(" ↓").append(human_bytes(s.bytes_received), style="bold")
