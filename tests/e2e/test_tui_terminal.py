@@ -1,0 +1,331 @@
+"""The terminal UI in a real terminal (tmux), attached to real nodes.
+
+Each test runs a private tmux server (``tmux -L <unique name>``) with a fixed 120x40
+window, reads the screen with ``capture-pane`` and types with ``send-keys``. Panes stay
+after their program ends (``remain-on-exit``) so a test can read its exit status. Every
+process a test starts (tmux server, TUI, nodes) is stopped at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import psutil
+import pytest
+
+from .cluster import REPO, Cluster, NodeProc
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.e2e,
+    pytest.mark.skipif(shutil.which("tmux") is None,
+                       reason="tmux is not installed (scripts/system-deps installs it)"),
+]
+
+T = TypeVar("T")
+
+WIDTH, HEIGHT = 120, 40
+#: Seconds to wait for anything to show on the screen or happen in a node. Generous: a
+#: loaded 2-core machine may take many seconds to import torch and textual.
+TIMEOUT = 90.0
+#: A node that trains (a round every fraction of a second) for much longer than a test.
+TRAINING = ("--dataset", "digits", "--rounds", "1000", "--local-epochs", "1",
+            "--min-peers", "0")
+#: What the pane's program gets on top of the test's environment.
+PANE_ENV = {"TERM": "xterm-256color", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+            "PYTHONUNBUFFERED": "1"}
+
+ROUND = re.compile(r"\bround (\d+)/1000\b")       # RoundProgress: "round 12/1000"
+STATE = re.compile(r"\bstate (\S+)  role\b")       # NodeHeader, second line
+CONNECTED = "● connected"                          # NodeHeader link ("● disconnected…" differs)
+DISCONNECTED = "● disconnected, retrying"
+
+
+class Terminal:
+    """One private tmux server with one session, ``fl``, running one program."""
+
+    def __init__(self, base: Path) -> None:
+        self.name = f"fl-tui-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.conf = base / "tmux.conf"
+        self.conf.write_text("set -g remain-on-exit on\n"
+                             "set -g status off\n"
+                             "set -g history-limit 0\n")
+        self.env = dict(os.environ, LANG="C.UTF-8", LC_ALL="C.UTF-8")
+        self.extra: list[psutil.Process] = []  # processes to stop that may leave the tree
+        self.started = False
+        self.last_screen = ""
+
+    def tmux(self, *args: str) -> str:
+        done = subprocess.run(["tmux", "-u", "-L", self.name, "-f", str(self.conf), *args],
+                              env=self.env, capture_output=True, timeout=30)
+        if done.returncode != 0:
+            raise RuntimeError(f"tmux {' '.join(args)}: {done.stderr.decode(errors='replace')}")
+        return done.stdout.decode("utf-8", errors="replace")
+
+    def run(self, argv: list[str]) -> None:
+        """Start ``argv`` (in the repository, with PANE_ENV) in a fresh 120x40 window."""
+        command = shlex.join(["env", *(f"{k}={v}" for k, v in PANE_ENV.items()), *argv])
+        self.started = True  # from here on, close() has a server to kill
+        self.tmux("new-session", "-d", "-s", "fl", "-x", str(WIDTH), "-y", str(HEIGHT),
+                  "-c", str(REPO), command)
+
+    def screen(self) -> str:
+        self.last_screen = self.tmux("capture-pane", "-p", "-t", "fl")
+        return self.last_screen
+
+    def press(self, key: str) -> None:
+        self.tmux("send-keys", "-t", "fl", key)
+
+    def dead(self) -> bool:
+        """Whether the pane's program has ended and tmux has its exit status.
+
+        tmux marks a pane dead when its terminal closes, which may come before it reaps
+        the program: until then neither ``pane_dead_status`` nor ``pane_dead_signal`` is
+        set."""
+        return self.tmux("list-panes", "-t", "fl", "-F",
+                         "#{pane_dead}:#{pane_dead_status}#{pane_dead_signal}"
+                         ).strip() not in ("0:", "1:")
+
+    def exit_status(self) -> str:
+        """``0`` for a clean exit; the status, or the signal that ended the program."""
+        status, signal = self.tmux("list-panes", "-t", "fl", "-F",
+                                   "#{pane_dead_status}:#{pane_dead_signal}").strip().split(":")
+        return status if status else f"killed by signal {signal}"
+
+    def close(self) -> None:
+        """Kill the tmux server and every process of the pane, also orphaned ones."""
+        procs = list(self.extra)
+        socket = None
+        if self.started:
+            try:
+                socket = Path(self.tmux("display-message", "-p", "#{socket_path}").strip())
+            except RuntimeError:
+                pass
+            try:
+                panes = self.tmux("list-panes", "-a", "-F", "#{pane_dead} #{pane_pid}")
+                for dead, pid in (line.split() for line in panes.splitlines()):
+                    if dead == "0":  # a dead pane's pid may belong to another process now
+                        root = psutil.Process(int(pid))
+                        procs += [root, *root.children(recursive=True)]
+            except (RuntimeError, psutil.Error, ValueError):
+                pass
+            try:
+                self.tmux("kill-server")
+            except RuntimeError:
+                pass  # the server is gone already
+            if socket is not None and socket.name == self.name:
+                socket.unlink(missing_ok=True)  # tmux leaves its socket file behind
+        alive = [p for p in procs if _running(p)]
+        for p in alive:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, left = psutil.wait_procs(alive, timeout=15)
+        for p in left:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(left, timeout=5)
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@pytest.fixture
+def terminal(tmp_path: Path) -> Iterator[Terminal]:
+    term = Terminal(tmp_path)
+    try:
+        yield term
+    finally:
+        term.close()
+
+
+def wait_for(probe: Callable[[], T | None], what: str, term: Terminal,
+             nodes: list[NodeProc] = (), timeout: float = TIMEOUT) -> T:
+    """Call ``probe`` until it returns something truthy, and return that.
+
+    An unreachable node (OSError) or a partial answer (ValueError, KeyError) means: not
+    yet. On timeout, fail with the screen and the nodes' log tails."""
+    deadline = time.monotonic() + timeout
+    error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = probe()
+            if value:
+                return value
+        except (OSError, ValueError, KeyError) as exc:
+            error = exc
+        time.sleep(0.2)
+    logs = "".join(f"\n--- {n.name} log\n{n.log[-2000:]}" for n in nodes)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} ({error})\n"
+                         f"--- screen\n{term.last_screen}{logs}")
+
+
+def screen_round(screen: str) -> int | None:
+    """The completed-round count of the round bar, or None if not shown."""
+    m = ROUND.search(screen)
+    return int(m.group(1)) if m else None
+
+
+def screen_state(screen: str) -> str | None:
+    m = STATE.search(screen)
+    return m.group(1) if m else None
+
+
+def header(screen: str) -> str:
+    """The header's first line: name, node id, ..., link."""
+    return screen.splitlines()[0] if screen else ""
+
+
+def shows_node(screen: str, name: str, node_id: str) -> bool:
+    """Connected to the node ``name`` (id ``node_id``), with its round on show."""
+    first = header(screen)
+    return (first.split()[:2] == [name, node_id] and CONNECTED in first
+            and screen_round(screen) is not None and screen_state(screen) not in (None, "-"))
+
+
+def showing(term: Terminal, name: str, node_id: str) -> str | None:
+    """The screen, if it shows the node (see ``shows_node``); else None."""
+    screen = term.screen()
+    return screen if shows_node(screen, name, node_id) else None
+
+
+def tui_command(node: NodeProc) -> list[str]:
+    token = (node.state_dir / "api.token").read_text().strip()
+    return [sys.executable, "-m", "node.cli", "tui", f"http://127.0.0.1:{node.web_port}",
+            "--token", token]
+
+
+def wait_rounds_advance(term: Terminal, node: NodeProc, by: int, what: str) -> int:
+    """Wait until the node's API round and the screen's round both pass the API round now
+    plus ``by``; return the screen's round then."""
+    target = node.status()["round"] + by
+    wait_for(lambda: node.status()["round"] >= target, f"node round {target} ({what})",
+             term, [node])
+    return wait_for(lambda: (r := screen_round(term.screen())) is not None and r >= target
+                    and r, f"round {target} on the screen ({what})", term, [node])
+
+
+def test_tui_watches_and_steers_a_node(tmp_path, terminal):
+    with Cluster(tmp_path) as cluster:
+        node = cluster.start("watched", *TRAINING)
+        node_id = node.status()["node_id"]
+        terminal.run(tui_command(node))
+
+        # name, node id, link and round on show; then the round moves on the screen
+        screen = wait_for(lambda: showing(terminal, "watched", node_id),
+                          "the node on the screen", terminal, [node])
+        first = screen_round(screen)
+        wait_for(lambda: (r := screen_round(terminal.screen())) is not None and r >= first + 2,
+                 f"the screen's round to pass {first + 1}", terminal, [node])
+
+        # x stops training: in the node, and on the screen
+        terminal.press("x")
+        wait_for(lambda: node.status()["state"] == "stopped", "state stopped (API)",
+                 terminal, [node])
+        wait_for(lambda: screen_state(terminal.screen()) == "stopped",
+                 "state stopped on the screen", terminal, [node])
+        wait_for(lambda: "stop sent, node state: stopped" in terminal.screen(),
+                 "the stop command in the event log", terminal, [node])
+        stopped_round = node.status()["round"]
+
+        # s starts it again: the node leaves 'stopped' and completes rounds; the screen too
+        terminal.press("s")
+        wait_for(lambda: node.status()["state"] != "stopped", "training again (API)",
+                 terminal, [node])
+        wait_for(lambda: node.status()["round"] >= stopped_round + 2,
+                 "rounds after the restart", terminal, [node])
+        wait_for(lambda: screen_state(terminal.screen()) not in (None, "-", "stopped")
+                 and (screen_round(terminal.last_screen) or 0) >= stopped_round + 2,
+                 "training again on the screen", terminal, [node])
+
+        # q quits the UI (exit status 0), not the node: it keeps training
+        terminal.press("q")
+        wait_for(terminal.dead, "the TUI to exit", terminal, [node])
+        assert terminal.exit_status() == "0"
+        assert node.proc.poll() is None, "q stopped the node"
+        after_quit = node.status()
+        assert after_quit["state"] != "stopped"
+        wait_for(lambda: node.status()["round"] >= after_quit["round"] + 2,
+                 "rounds after the TUI quit", terminal, [node])
+
+
+def test_start_with_tui_stops_its_node_on_quit(tmp_path, terminal):
+    state_dir = tmp_path / "solo"
+    terminal.run([sys.executable, "-m", "node.cli", "start", "--name", "solo",
+                  "--state-dir", str(state_dir), "--host", "127.0.0.1", "--port", "0",
+                  "--web-port", "0", "--no-mdns", *TRAINING, "--tui"])
+    log = state_dir / "node.log"
+
+    def screen_ok() -> str | None:
+        s = terminal.screen()
+        first = header(s)
+        return s if (first.split()[:1] == ["solo"] and CONNECTED in first
+                     and screen_round(s) is not None) else None
+
+    def node_log() -> str:
+        return log.read_text(errors="replace")[-2000:] if log.exists() else "(no node.log)"
+
+    try:
+        wait_for(screen_ok, "the solo node on the screen", terminal)
+        pid = json.loads((state_dir / "endpoint.json").read_text())["pid"]
+        node = psutil.Process(pid)
+        terminal.extra.append(node)  # stopped at the end even if the TUI leaves it behind
+        assert "node.cli" in " ".join(node.cmdline()) and "--tui" not in node.cmdline()
+        first = screen_round(terminal.last_screen)
+        wait_for(lambda: (r := screen_round(terminal.screen())) is not None and r >= first + 2,
+                 f"the screen's round to pass {first + 1}", terminal)
+
+        terminal.press("q")
+        try:
+            node.wait(timeout=30)
+        except psutil.TimeoutExpired:
+            raise AssertionError("the node still runs 30 s after q") from None
+        wait_for(terminal.dead, "the fl-node start --tui program to exit", terminal)
+        assert terminal.exit_status() == "0"
+        # the node was stopped gracefully (SIGTERM), not killed
+        assert not (state_dir / "endpoint.json").exists()
+        assert "node solo stopped" in log.read_text(errors="replace")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- node.log\n{node_log()}") from None
+
+
+def test_tui_reconnects_to_a_restarted_node(tmp_path, terminal):
+    with Cluster(tmp_path) as cluster:
+        node = cluster.start("phoenix", *TRAINING)
+        node_id = node.status()["node_id"]
+        port = node.web_port
+        terminal.run(tui_command(node))
+        wait_for(lambda: showing(terminal, "phoenix", node_id),
+                 "the node on the screen", terminal, [node])
+
+        node.kill()
+        wait_for(lambda: DISCONNECTED in header(terminal.screen()),
+                 "the disconnected indicator", terminal, [node])
+        assert "disconnected: " in terminal.last_screen  # and a line in the event log
+
+        # the same node (state dir, key) on the same web port: the TUI finds it again
+        again = cluster.start("phoenix", *TRAINING, "--web-port", str(port))
+        assert again.web_port == port and again.status()["node_id"] == node_id
+        wait_for(lambda: showing(terminal, "phoenix", node_id),
+                 "the node on the screen again", terminal, [again])
+        # and the live feed flows again: the screen follows the new process's rounds
+        wait_rounds_advance(terminal, again, 2, "after the reconnect")
+        assert not terminal.dead()
