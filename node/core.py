@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 from protocol.envelope import DEFAULT_MAX_MESSAGE_SIZE, Envelope, ReplayGuard, decode, encode
 from protocol.errors import ProtocolError
 from protocol.gossip import (
@@ -54,7 +56,9 @@ from protocol.messages import (
 )
 from protocol.rounds import RoundMachine
 
+from .compress import parse_codec
 from .state import SequenceCounter
+from .weights import from_tensors
 
 log = logging.getLogger(__name__)
 
@@ -488,6 +492,8 @@ class NodeCore:
         elif isinstance(msg, Announce):
             self._on_announce(env.sender, msg, now)
         elif isinstance(msg, Update | Delta):
+            if isinstance(msg, Delta):
+                self.check_delta(msg)
             if st is None or not st.member:
                 raise ProtocolError(f"update from {node_id_from_key(env.sender)},"
                                     " not a member")
@@ -521,6 +527,16 @@ class NodeCore:
             raise ProtocolError("a relay inside a relay")
         else:
             raise ProtocolError(f"{env.type} is not accepted on a peer link")
+
+    def check_delta(self, delta: Delta) -> dict[str, np.ndarray]:
+        """Decode a compressed update against the federation's tensors (ProtocolError if it
+        is malformed): the dense difference to its base model."""
+        try:
+            codec = parse_codec(delta.codec)
+            spec = {name: (dtype, shape) for name, dtype, shape in self.machine.spec}
+            return codec.decode(from_tensors(delta.weights), spec)
+        except ValueError as exc:
+            raise ProtocolError(f"delta: {exc}") from None
 
     def _serve_late(self, key: bytes) -> None:
         """A late update proves its sender lacks our model (it may have deferred it while

@@ -27,8 +27,9 @@ from aiohttp import web
 
 from protocol.envelope import Envelope
 from protocol.identity import Identity, node_id_from_key
-from protocol.messages import Heartbeat, Hello, Model, Share
+from protocol.messages import Delta, Heartbeat, Hello, Model, Share, Update
 from protocol.rounds import (
+    STATE_PREFIX,
     Aggregate,
     Average,
     Commit,
@@ -47,6 +48,7 @@ from protocol.errors import ProtocolError
 from protocol.gossip import federation_key
 from protocol.tensors import weights_digest
 
+from .compress import ErrorFeedback, apply_delta, parse_codec, weights_delta
 from .control import ControlMixin
 from .dashboard import EventHub, allowed_hosts_for, resources
 from .config import NodeConfig, parse_key, parse_peer, read_federation_secret
@@ -102,6 +104,11 @@ class Node(ControlMixin):
         self.identity = Identity.load_or_create(state_dir)
         genesis = {k: np.asarray(v, order="C") for k, v in learner.initial_weights().items()}
         self.weights: Weights = genesis
+        #: The last global model (``weights`` is our offline average while offline):
+        #: compressed updates are differences to it.
+        self.global_weights: Weights = genesis
+        self.codec = parse_codec(config.compress)
+        self.feedback = ErrorFeedback(self.codec) if self.codec.lossy else None
         self.machine = RoundMachine(
             self_key=self.identity.public_key,
             federation=config.federation,
@@ -384,6 +391,7 @@ class Node(ControlMixin):
         self.machine.model_digest = ckpt.digest
         self.machine.last_aggregator = msg.aggregator
         self.weights = {k: np.array(v) for k, v in from_tensors(msg.weights).items()}
+        self.global_weights = self.weights
         self.core.latest_model_frame = ckpt.frame
         done = [r for r in rows if r["round"] <= ckpt.round and r["accuracy"] is not None]
         if done:
@@ -485,6 +493,7 @@ class Node(ControlMixin):
         model = action.model
         # Copy: the wire buffers are read-only views into the received frame.
         self.weights = {k: np.array(v) for k, v in from_tensors(model.weights).items()}
+        self.global_weights = self.weights
         self._stop_training.set()  # a model for the round we train means our work is moot
         self._stats(model.round)["committed_at"] = time.time()
         if action.source != self.identity.public_key:
@@ -574,7 +583,7 @@ class Node(ControlMixin):
                                        result.num_examples, float(result.loss),
                                        float(result.seconds), now())
         elif kind == "send_update":
-            frame = await self._encode(self.core.frame, action.update)
+            frame = await self._encode(self.core.frame, self._compressed(action.update))
             self._stats(action.update.round)["update_bytes"] = len(frame)
             if not self.core.send_to(action.to, frame):
                 log.warning("no route to aggregator %s", node_id_from_key(action.to))
@@ -599,7 +608,7 @@ class Node(ControlMixin):
             self._ckpt_wanted.set()
             self.machine.average_done(action.round, action.step, digest, now())
         elif kind == "aggregate":
-            updates = [(from_tensors(u.weights), u.num_examples) for u in action.updates.values()]
+            updates = [(self._dense(u), u.num_examples) for u in action.updates.values()]
             merged = await asyncio.to_thread(self.learner.aggregate, updates)
             merged = {k: np.asarray(v, order="C") for k, v in merged.items()}
             self.machine.aggregation_done(action.round, action.attempt, to_tensors(merged),
@@ -614,6 +623,29 @@ class Node(ControlMixin):
         elif kind == "evaluate":
             await self._evaluate(action)
         self._drain()
+
+    def _compressed(self, update: Update) -> Update | Delta:
+        """``update`` as a ``delta`` of the configured codec when it was trained from the
+        global model the aggregator holds too; in full otherwise (an offline average)."""
+        if self.codec.name == "none" or update.base != self.machine.model_digest:
+            return update
+        delta = weights_delta(from_tensors(update.weights), self._global_model())
+        payload = self.feedback.compress(delta) if self.feedback else self.codec.encode(delta)
+        return Delta(round=update.round, attempt=update.attempt, base=update.base,
+                     num_examples=update.num_examples, loss=update.loss,
+                     train_seconds=update.train_seconds, codec=self.codec.name,
+                     weights=to_tensors(payload))
+
+    def _dense(self, update: Update | Delta) -> Weights:
+        """Full weights of an update: a delta is added to the global model it was made
+        from (the machine took it only if that is ours)."""
+        if isinstance(update, Update):
+            return from_tensors(update.weights)
+        return apply_delta(self._global_model(), self.core.check_delta(update))
+
+    def _global_model(self) -> Weights:
+        """The last global model's tensors, without strategy state."""
+        return {k: v for k, v in self.global_weights.items() if not k.startswith(STATE_PREFIX)}
 
     async def _encode(self, fn: Any, message: Any) -> bytes | bytearray:
         params = sum(t.nbytes for t in message.weights) // 4

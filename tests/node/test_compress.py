@@ -1,4 +1,4 @@
-"""Compressed update deltas (ml/compress.py): round trips, bytes saved, a strict decoder,
+"""Compressed update deltas (node/compress.py): round trips, bytes saved, a strict decoder,
 error feedback, and convergence on real data."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ml.compress import (
+from node.compress import (
     Codec,
     ErrorFeedback,
     Int8,
