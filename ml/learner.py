@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,7 +14,14 @@ import torch
 from .datasets import load_dataset
 from .models import build_model
 from .partition import partition_indices
-from .strategies import fedavg
+from .privacy import (
+    DPConfig,
+    PrivacyLedger,
+    check_model_for_dp,
+    poisson_schedule,
+    train_local_dp,
+)
+from .strategies import FedAvg, Strategy, fedavg, proximal_mu, split_state
 from .training import evaluate, train_local
 from .weights import Weights, get_weights, set_weights
 
@@ -54,7 +63,9 @@ class TorchLearner:
                  data_dir: str | None = None, download: bool = False,
                  partition: str = "iid", alpha: float = 0.5, num_partitions: int = 1,
                  partition_index: int = 0, seed: int = 0, local_epochs: int = 2,
-                 batch_size: int = 32, lr: float = 0.05) -> None:
+                 batch_size: int = 32, lr: float = 0.05, strategy: Strategy | None = None,
+                 dp: DPConfig | None = None, ledger_path: str | Path | None = None,
+                 rounds: int = 1) -> None:
         if local_epochs < 1 or batch_size < 1:
             raise ValueError(f"local_epochs ({local_epochs}) and batch_size ({batch_size})"
                              " must be >= 1")
@@ -82,7 +93,25 @@ class TorchLearner:
             torch.manual_seed(seed)
             self.model = build_model(model, self.data.input_shape, self.data.num_classes)
         self._initial = get_weights(self.model)
+        self.strategy: Strategy = strategy or FedAvg()
+        self.dp = dp
+        self.ledger: PrivacyLedger | None = None
+        if dp is not None:
+            self._setup_dp(dp, ledger_path, rounds)
 
+    def _setup_dp(self, dp: DPConfig, ledger_path: str | Path | None, rounds: int) -> None:
+        """Check the model and delta, fix the noise for the planned run, load the ledger
+        (one per node, for its whole life: a corrupt one stops the node, never resets)."""
+        if ledger_path is None:
+            raise ValueError("--dp needs a state dir for its privacy ledger")
+        check_model_for_dp(self.model)
+        dp.check_delta(len(self.x))
+        self.sample_rate, self.steps_per_epoch = poisson_schedule(len(self.x), self.batch_size)
+        self.noise_multiplier = dp.resolve_noise_multiplier(
+            sample_rate=self.sample_rate,
+            planned_steps=rounds * self.local_epochs * self.steps_per_epoch)
+        self.ledger_path = Path(ledger_path)
+        self.ledger = PrivacyLedger.load(self.ledger_path)
     def initial_weights(self) -> Weights:
         """The genesis model: built right after ``torch.manual_seed(seed)``, so identical
         on every node with the same seed, model and data set."""
@@ -95,27 +124,71 @@ class TorchLearner:
         The shuffle seed comes from (seed, partition_index, round_number), so a rerun of a
         round reproduces its update bit for bit. ``weights`` is not modified.
         """
+        model_weights, _ = split_state(weights)
+        seed = (self.seed * 1_000_003 + self.partition_index * 10_007 + round_number) % 2**31
         with self._lock:
-            set_weights(self.model, weights)
-            stats = train_local(
-                self.model, self.x, self.y, epochs=self.local_epochs,
-                batch_size=self.batch_size, lr=self.lr,
-                seed=(self.seed * 1_000_003 + self.partition_index * 10_007 + round_number) % 2**31,
-                stop=stop,
-            )
+            set_weights(self.model, model_weights)
+            if self.dp is not None and self.ledger is not None:
+                # Fresh OS randomness: a seed every peer can compute would let them
+                # subtract the noise. Steps are recorded, then saved, before the update
+                # leaves this node.
+                stats = train_local_dp(
+                    self.model, self.x, self.y, epochs=self.local_epochs,
+                    batch_size=self.batch_size, lr=self.lr, seed=None, ledger=self.ledger,
+                    noise_multiplier=self.noise_multiplier,
+                    max_grad_norm=self.dp.max_grad_norm, delta=self.dp.delta, stop=stop)
+                self.ledger.save(self.ledger_path)
+            else:
+                mu = proximal_mu(self.strategy)
+                stats = train_local(
+                    self.model, self.x, self.y, epochs=self.local_epochs,
+                    batch_size=self.batch_size, lr=self.lr, seed=seed, stop=stop,
+                    prox_mu=mu,
+                    prox_base={k: torch.from_numpy(v) for k, v in model_weights.items()}
+                    if mu > 0 else None,
+                )
             return TrainResult(get_weights(self.model), stats.num_examples, stats.loss,
                                stats.seconds)
+
+    def can_train(self) -> str | None:
+        """Why this node may not train another round (None: it may): with DP, when the
+        next round would spend more than the privacy budget."""
+        if self.dp is None or self.ledger is None or self.dp.within_budget(
+                self.ledger, noise_multiplier=self.noise_multiplier,
+                sample_rate=self.sample_rate,
+                steps=self.local_epochs * self.steps_per_epoch):
+            return None
+        spent = self.ledger.epsilon(self.dp.delta)
+        return (f"privacy budget: another round would spend more than epsilon"
+                f" {self.dp.target_epsilon:g} (spent {spent:.3f})")
+
+    def privacy(self) -> dict[str, Any] | None:
+        """The privacy budget spent over this node's life (None without DP)."""
+        if self.dp is None or self.ledger is None:
+            return None
+        return {
+            "epsilon": self.ledger.epsilon(self.dp.delta), "delta": self.dp.delta,
+            "target_epsilon": self.dp.target_epsilon,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.dp.max_grad_norm, "sample_rate": self.sample_rate,
+            "total_steps": self.ledger.total_steps, "exhausted": self.can_train() is not None,
+        }
 
     def evaluate(self, weights: Weights) -> EvalResult:
         """Accuracy and loss of ``weights`` on the test split."""
         with self._lock:
-            set_weights(self.model, weights)
+            set_weights(self.model, split_state(weights)[0])
             s = evaluate(self.model, self.data.test_x, self.data.test_y)
             return EvalResult(s.loss, s.accuracy, s.num_examples)
 
-    def aggregate(self, updates: Sequence[tuple[Weights, int]]) -> Weights:
-        """FedAvg weighted by example counts."""
-        return fedavg(updates)
+    def aggregate(self, base: Weights, updates: Sequence[tuple[Weights, int]]) -> Weights:
+        """The next global model from ``base`` (the current one, with any strategy state)
+        and the round's updates, by the configured strategy."""
+        return self.strategy.aggregate(base, updates)
+
+    def average(self, models: Sequence[tuple[Weights, int]]) -> Weights:
+        """Offline gossip averaging: FedAvg weighted by example counts."""
+        return fedavg(models)
 
     @property
     def num_examples(self) -> int:
@@ -132,5 +205,7 @@ class TorchLearner:
             "num_examples": self.num_examples, "test_examples": len(self.data.test_y),
             "num_parameters": int(sum(p.numel() for p in self.model.parameters())),
             "input_shape": list(self.data.input_shape), "num_classes": self.data.num_classes,
-            "label_counts": counts.tolist(),
+            "label_counts": None if self.dp else counts.tolist(),
+            "strategy": getattr(self.strategy, "name", type(self.strategy).__name__),
+            "dp": self.dp is not None,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -32,12 +33,21 @@ class EvalStats:
 
 def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
                 batch_size: int, lr: float, seed: int, momentum: float = 0.9,
-                stop: threading.Event | None = None) -> TrainStats:
+                stop: threading.Event | None = None, prox_mu: float = 0.0,
+                prox_base: dict[str, torch.Tensor] | None = None) -> TrainStats:
     """SGD (momentum 0.9 by default) over shuffled mini-batches, in place on ``model``.
 
     Shuffling uses a ``torch.Generator`` seeded with ``seed``, so identical inputs give
     bit-identical weights (on one thread). ``stop`` is checked before every batch, so a
     node can abandon a round promptly; ``loss`` is the mean over the last epoch run.
+
+    FedProx (Li et al. 2020): with ``prox_mu > 0`` the loss minimised is the
+    cross-entropy plus ``prox_mu / 2 * sum ||w - w_base||^2`` over the trainable
+    parameters, which keeps the local model near the global one. ``prox_base`` maps
+    parameter names (``model.named_parameters()``) to the global model's tensors; other
+    names (buffers, ``fl.opt.*`` state) are ignored. ``None`` means the parameters as they
+    are when training starts, i.e. the global model the node has just loaded. The
+    reported ``loss`` is the cross-entropy alone, comparable with and without the term.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1")
@@ -45,6 +55,9 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
         raise ValueError(f"need lr > 0 (got {lr}) and 0 <= momentum < 1 (got {momentum})")
     if len(x) != len(y):
         raise ValueError(f"{len(x)} inputs but {len(y)} labels")
+    if not 0 <= prox_mu < math.inf:
+        raise ValueError(f"prox_mu must be a finite number >= 0, got {prox_mu}")
+    anchors = _prox_anchors(model, prox_base) if prox_mu > 0 else []
     start = time.perf_counter()
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
@@ -62,7 +75,11 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
             idx = order[i : i + batch_size]
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x[idx]), y[idx])
-            loss.backward()
+            if anchors:
+                prox = sum(((p - b) ** 2).sum() for p, b in anchors)
+                (loss + prox_mu / 2 * prox).backward()
+            else:
+                loss.backward()
             opt.step()
             steps += 1
             last_total += float(loss.detach()) * len(idx)
@@ -71,6 +88,27 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
             break
     mean = last_total / last_count if last_count else float("nan")
     return TrainStats(n, mean, steps, time.perf_counter() - start, stopped)
+
+
+def _prox_anchors(model: nn.Module, base: dict[str, torch.Tensor] | None
+                  ) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(trainable parameter, its detached global value) pairs for the proximal term."""
+    pairs = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if base is None:
+            ref = p.detach().clone()
+        else:
+            if name not in base:
+                raise ValueError(f"prox_base has no tensor for parameter {name}")
+            ref = torch.as_tensor(base[name]).detach()
+            if tuple(ref.shape) != tuple(p.shape):
+                raise ValueError(f"prox_base: {name} has shape {tuple(ref.shape)},"
+                                 f" expected {tuple(p.shape)}")
+            ref = ref.to(dtype=p.dtype, device=p.device).clone()
+        pairs.append((p, ref))
+    return pairs
 
 
 @torch.no_grad()

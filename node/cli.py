@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                     " trimmed-mean, krum, multi-krum, or package.module:Name (your own)")
     ml.add_argument("--mu", type=float, help="FedProx proximal term (default 0.01)")
     ml.add_argument("--trim-beta", type=float, help="trimmed mean: fraction cut at each end"
-                    " (default 0.1)")
+                    " (default 0.2)")
     ml.add_argument("--krum-f", type=int, help="Krum/Multi-Krum: attackers tolerated"
                     " (default 1)")
     ml.add_argument("--multi-krum-m", type=int, help="Multi-Krum: updates averaged"
@@ -249,17 +249,26 @@ def cmd_start(args: argparse.Namespace) -> int:
     import torch
 
     from ml.learner import TorchLearner
+    from ml.privacy import DPConfig
+    from ml.strategies import parse_strategy
 
     from .daemon import Node, install_signal_handlers
 
     torch.set_num_threads(1)
     try:
+        strategy = parse_strategy(config.strategy, mu=config.mu, beta=config.trim_beta,
+                                  f=config.krum_f, m=config.multi_krum_m, eta=config.server_lr,
+                                  clip_norm=config.clip_norm)
+        dp = DPConfig(target_epsilon=config.target_epsilon, delta=config.delta,
+                      max_grad_norm=config.max_grad_norm,
+                      noise_multiplier=config.noise_multiplier) if config.dp else None
         learner = TorchLearner(
             dataset=config.dataset, model=config.model, data_dir=config.data_dir,
             download=config.download, partition=config.partition, alpha=config.alpha,
             num_partitions=config.num_partitions, partition_index=config.partition_index,
             seed=config.seed, local_epochs=config.local_epochs, batch_size=config.batch_size,
-            lr=config.lr,
+            lr=config.lr, strategy=strategy, dp=dp, rounds=config.rounds,
+            ledger_path=Path(config.resolved_state_dir) / "privacy.json",
         )
     except (ValueError, OSError) as exc:  # bad data files, unknown model, ...
         print(f"fl-node start: {exc}", file=sys.stderr)

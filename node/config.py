@@ -128,9 +128,9 @@ class NodeConfig:
     batch_size: int = 32
     lr: float = 0.05
     strategy: str = "fedavg"
-    mu: float = 0.01
-    trim_beta: float = 0.1
-    krum_f: int = 1
+    mu: float | None = None
+    trim_beta: float | None = None
+    krum_f: int | None = None
     multi_krum_m: int | None = None
     server_lr: float | None = None
     clip_norm: float | None = None
@@ -208,9 +208,10 @@ class NodeConfig:
         need(self.local_epochs >= 1, "--local-epochs: must be >= 1")
         need(self.batch_size >= 1, "--batch-size: must be >= 1")
         need(0 < self.lr <= 10, f"--lr {self.lr}: must be in (0, 10]")
-        need(self.mu >= 0, f"--mu {self.mu}: must be >= 0")
-        need(0 <= self.trim_beta < 0.5, f"--trim-beta {self.trim_beta}: must be in [0, 0.5)")
-        need(self.krum_f >= 0, f"--krum-f {self.krum_f}: must be >= 0")
+        need(self.mu is None or self.mu >= 0, f"--mu {self.mu}: must be >= 0")
+        need(self.trim_beta is None or 0 <= self.trim_beta < 0.5,
+             f"--trim-beta {self.trim_beta}: must be in [0, 0.5)")
+        need(self.krum_f is None or self.krum_f >= 0, f"--krum-f {self.krum_f}: must be >= 0")
         need(self.multi_krum_m is None or self.multi_krum_m >= 1, "--multi-krum-m: must be >= 1")
         need(self.server_lr is None or self.server_lr > 0, "--server-lr: must be > 0")
         need(self.clip_norm is None or self.clip_norm > 0, "--clip-norm: must be > 0")

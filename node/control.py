@@ -106,6 +106,10 @@ class ControlMixin:
             raise ValueError(f"the run is complete ({m.completed} rounds)")
         if m.phase is not Phase.STOPPED:
             return
+        refusal = self.learner.can_train()
+        if refusal is not None:
+            raise ValueError(refusal)
+        self.stopped_reason = None
         m.start(now())
         self._drain()
         self.broadcast_state()
@@ -118,6 +122,7 @@ class ControlMixin:
         if m.phase in (Phase.STOPPED, Phase.DONE):
             return
         m.pause(now())
+        self.stopped_reason = "stopped by the operator"
         self._stop_training.set()  # a training step in progress ends early, and is dropped
         self._drain()
         self.broadcast_state()  # peers stop counting us as a participant now

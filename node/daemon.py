@@ -87,6 +87,8 @@ class RoundRecord:
     round_seconds: float
     update_bytes: int
     model_bytes: int
+    #: Privacy budget spent by this node when the round was recorded (None without DP).
+    epsilon: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -182,6 +184,7 @@ class Node(ControlMixin):
         #: Live events for WebSocket clients (node.dashboard), and the Host/Origin names
         #: the web API answers to (filled in once its port is bound).
         self.hub = EventHub()
+        self.stopped_reason: str | None = None
         self.allowed_hosts: set[str] = set()
         self.web_port = 0
         self.peer_port = 0
@@ -263,7 +266,8 @@ class Node(ControlMixin):
             },
             "learner": self.learner.describe(),
             "resources": resources(),
-            "privacy": None,
+            "privacy": self.learner.privacy(),
+            "stopped_reason": self.stopped_reason if m.phase is Phase.STOPPED else None,
         }
 
     # -- supervision ------------------------------------------------------------------
@@ -571,6 +575,10 @@ class Node(ControlMixin):
             if action.round != self.machine.current or self.machine.phase is not (
                     Phase.OFFLINE if action.offline else Phase.TRAINING):
                 return
+            refusal = await asyncio.to_thread(self.learner.can_train)
+            if refusal is not None:
+                self._refuse_training(refusal)
+                return
             self._stats(action.round)["started_at"] = time.time()
             self._stop_training.clear()
             base = self.weights
@@ -593,7 +601,7 @@ class Node(ControlMixin):
                 self.core.send_to(key, frame)
         elif kind == "average":
             models = [(from_tensors(m.weights), m.num_examples) for m in action.models.values()]
-            merged = await asyncio.to_thread(self.learner.aggregate, models)
+            merged = await asyncio.to_thread(self.learner.average, models)
             self.weights = {k: np.asarray(v, order="C") for k, v in merged.items()}
             log.info("offline step %d: averaged with %d peer(s)", self.machine.offline_steps + 1,
                      len(models) - 1)
@@ -609,7 +617,8 @@ class Node(ControlMixin):
             self.machine.average_done(action.round, action.step, digest, now())
         elif kind == "aggregate":
             updates = [(self._dense(u), u.num_examples) for u in action.updates.values()]
-            merged = await asyncio.to_thread(self.learner.aggregate, updates)
+            merged = await asyncio.to_thread(self.learner.aggregate, self.global_weights,
+                                             updates)
             merged = {k: np.asarray(v, order="C") for k, v in merged.items()}
             self.machine.aggregation_done(action.round, action.attempt, to_tensors(merged),
                                           action.updates.keys(),
@@ -623,6 +632,17 @@ class Node(ControlMixin):
         elif kind == "evaluate":
             await self._evaluate(action)
         self._drain()
+
+    def _refuse_training(self, reason: str) -> None:
+        """Stop taking part for good (the privacy budget is spent): peers see the node
+        stopped and carry on; its state and the model stay."""
+        self.stopped_reason = reason
+        self.machine.pause(now())
+        self._drain()
+        self.broadcast_state()
+        log.warning("training stopped: %s", reason)
+        self.note("training_refused", reason)
+        self.hub.publish("training_stopped", {"round": self.machine.current, "reason": reason})
 
     def _compressed(self, update: Update) -> Update | Delta:
         """``update`` as a ``delta`` of the configured codec when it was trained from the
@@ -664,6 +684,7 @@ class Node(ControlMixin):
         # A round we never trained (caught up) counts from its commit.
         started = st.get("started_at", committed)
         self.accuracy, self.loss = float(result.accuracy), float(result.loss)
+        privacy = self.learner.privacy()
         finished = time.time()
         record = RoundRecord(
             round=model.round, accuracy=self.accuracy, loss=self.loss,
@@ -673,6 +694,7 @@ class Node(ControlMixin):
             train_seconds=float(st.get("train_seconds", 0.0)),
             round_seconds=committed - started,
             update_bytes=int(st.get("update_bytes", 0)), model_bytes=int(st.get("model_bytes", 0)),
+            epsilon=privacy["epsilon"] if privacy else None,
         )
         self.history.append(record)
         self.evaluated_round = max(self.evaluated_round, record.round)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -48,8 +48,18 @@ class Learner(Protocol):
     def evaluate(self, weights: Weights) -> EvalResultLike:
         """Loss and accuracy on the held-out test split."""
 
-    def aggregate(self, updates: Sequence[tuple[Weights, int]]) -> Weights:
-        """Combine (weights, example count) pairs into the next global model."""
+    def aggregate(self, base: Weights, updates: Sequence[tuple[Weights, int]]) -> Weights:
+        """The next global model from the current one (``base``, with any strategy-state
+        tensors) and the round's (weights, example count) pairs: the configured strategy."""
+
+    def average(self, models: Sequence[tuple[Weights, int]]) -> Weights:
+        """Offline gossip averaging of (weights, example count) pairs (FedAvg)."""
+
+    def can_train(self) -> str | None:
+        """Why another round of training is not allowed (the privacy budget), or None."""
+
+    def privacy(self) -> dict[str, Any] | None:
+        """The privacy budget spent (docs/api.md, ``privacy``), or None without DP."""
 
     @property
     def num_examples(self) -> int:

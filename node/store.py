@@ -155,7 +155,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, accuracy REAL, loss REAL, aggregator TEXT,
     contributors INTEGER, num_examples INTEGER, model_hash TEXT, started_at REAL,
     committed_at REAL, evaluated_at REAL, train_seconds REAL, round_seconds REAL,
-    update_bytes INTEGER, model_bytes INTEGER
+    update_bytes INTEGER, model_bytes INTEGER, epsilon REAL
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL, kind TEXT, detail TEXT
@@ -167,7 +167,9 @@ CREATE TABLE IF NOT EXISTS peers (
 """
 ROUND_FIELDS = ("round", "accuracy", "loss", "aggregator", "contributors", "num_examples",
                 "model_hash", "started_at", "committed_at", "evaluated_at", "train_seconds",
-                "round_seconds", "update_bytes", "model_bytes")
+                "round_seconds", "update_bytes", "model_bytes", "epsilon")
+#: Columns added after the first release, with their types: added to older databases.
+_ADDED_COLUMNS = {"epsilon": "REAL"}
 
 
 class NodeDB:
@@ -181,6 +183,10 @@ class NodeDB:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(rounds)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE rounds ADD COLUMN {column} {kind}")
         except sqlite3.DatabaseError as exc:
             raise ValueError(f"{self.path}: not a usable database ({exc}); move it away to"
                              " start a new one") from None

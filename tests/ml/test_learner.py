@@ -106,7 +106,7 @@ def test_three_node_federation_on_digits_reaches_90_percent(partition: str) -> N
     for round_number in range(1, 6):
         updates = [(lrn.train(global_weights, round_number).weights, lrn.num_examples)
                    for lrn in learners]
-        global_weights = learners[0].aggregate(updates)
+        global_weights = learners[0].aggregate(global_weights, updates)
     results = [lrn.evaluate(global_weights) for lrn in learners]
     # Every node evaluates on the same test split, so they agree exactly.
     assert len({(r.accuracy, r.loss) for r in results}) == 1
@@ -143,7 +143,51 @@ def test_mlp_federation_on_synthetic_data_learns() -> None:
     global_weights = learners[0].initial_weights()
     for round_number in (1, 2):
         global_weights = learners[0].aggregate(
+            global_weights,
             [(lrn.train(global_weights, round_number).weights, lrn.num_examples)
              for lrn in learners])
     assert learners[1].evaluate(global_weights).accuracy > 0.8
     assert learners[0].describe()["input_shape"] == [20]
+
+
+def test_a_fedadam_federation_carries_its_optimizer_state_in_the_model() -> None:
+    from ml.strategies import STATE_PREFIX, parse_strategy
+
+    learners = [TorchLearner(dataset="synthetic", model="mlp", num_partitions=2,
+                             partition_index=i, seed=0, local_epochs=1,
+                             strategy=parse_strategy("fedadam", eta=0.05)) for i in range(2)]
+    global_weights = learners[0].initial_weights()
+    for round_number in (1, 2, 3):
+        updates = [(lrn.train(global_weights, round_number).weights, lrn.num_examples)
+                   for lrn in learners]
+        # the aggregator alternates: each uses the state the last one left in the model
+        global_weights = learners[round_number % 2].aggregate(global_weights, updates)
+        assert any(k.startswith(STATE_PREFIX) for k in global_weights)
+    # training and evaluation see only the model's tensors
+    assert learners[1].evaluate(global_weights).accuracy > 0.6
+    assert not any(k.startswith(STATE_PREFIX) for k in
+                   learners[0].train(global_weights, 4).weights)
+
+
+def test_dp_learner_refuses_training_once_the_budget_would_be_exceeded(tmp_path) -> None:
+    from ml.privacy import DPConfig
+
+    make = lambda: TorchLearner(  # noqa: E731
+        dataset="digits", model="mlp", local_epochs=1, rounds=10,
+        dp=DPConfig(target_epsilon=1.0, noise_multiplier=1.5),
+        ledger_path=tmp_path / "privacy.json")
+    learner = make()
+    weights = learner.initial_weights()
+    rounds = 0
+    while learner.can_train() is None:
+        weights = learner.train(weights, rounds + 1).weights
+        rounds += 1
+        assert rounds < 20
+    spent = learner.privacy()
+    assert rounds == 3 and spent["epsilon"] <= 1.0 and spent["exhausted"]  # 0.92, then 1.04
+    assert "privacy budget" in learner.can_train()
+    # a new learner on the same ledger (a restart) refuses too, with the same epsilon
+    again = make()
+    assert again.can_train() is not None
+    assert again.privacy()["epsilon"] == spent["epsilon"]
+    assert learner.describe()["label_counts"] is None  # not published under DP

@@ -38,6 +38,8 @@ class FakeLearner:
         # gradient descent on 64 examples stays stable for large ``dim`` too
         self.step = 0.05 * min(1.0, 64 / dim)
         self.trained_rounds: list[int] = []
+        #: Set by a test to make the node stop training, as an exhausted budget does.
+        self.refusal: str | None = None
 
     def initial_weights(self) -> dict[str, np.ndarray]:
         return {"w": np.zeros(self.dim, np.float32), "b": np.zeros(1, np.float32)}
@@ -63,10 +65,19 @@ class FakeLearner:
         loss = self._loss(np.asarray(weights["w"]))
         return Evaluated(loss, 1.0 / (1.0 + loss), len(self.x))
 
-    def aggregate(self, updates: Sequence[tuple[dict[str, np.ndarray], int]]):
+    def average(self, updates: Sequence[tuple[dict[str, np.ndarray], int]]):
         total = sum(n for _, n in updates)
         return {k: (sum(w[k].astype(np.float64) * n for w, n in updates) / total).astype(np.float32)
                 for k in updates[0][0]}
+
+    def aggregate(self, base, updates: Sequence[tuple[dict[str, np.ndarray], int]]):
+        return self.average(updates)
+
+    def can_train(self) -> str | None:
+        return self.refusal
+
+    def privacy(self):
+        return None
 
     @property
     def num_examples(self) -> int:

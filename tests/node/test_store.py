@@ -92,3 +92,24 @@ def test_a_corrupt_database_is_a_clear_error(tmp_path):
     (tmp_path / "node.db").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(ValueError, match="not a usable database"):
         NodeDB(tmp_path)
+
+
+def test_an_older_database_gains_the_epsilon_column_and_keeps_its_rounds(tmp_path):
+    import sqlite3
+
+    from node.store import NodeDB
+
+    old = sqlite3.connect(tmp_path / "node.db")
+    old.execute("CREATE TABLE rounds (round INTEGER PRIMARY KEY, accuracy REAL, loss REAL,"
+                " aggregator TEXT, contributors INTEGER, num_examples INTEGER, model_hash TEXT,"
+                " started_at REAL, committed_at REAL, evaluated_at REAL, train_seconds REAL,"
+                " round_seconds REAL, update_bytes INTEGER, model_bytes INTEGER)")
+    old.execute("INSERT INTO rounds (round, accuracy) VALUES (1, 0.5)")
+    old.commit()
+    old.close()
+    db = NodeDB(tmp_path)
+    db.record_round({"round": 2, "accuracy": 0.7, "epsilon": 1.25})
+    rows = db.rounds()
+    db.close()
+    assert [(r["round"], r["accuracy"], r["epsilon"]) for r in rows] == [(1, 0.5, None),
+                                                                         (2, 0.7, 1.25)]
