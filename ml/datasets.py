@@ -67,8 +67,10 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Fal
     return _DATASETS[name](data_dir, download, seed)
 
 
-def _bundle(name: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-            test_y: np.ndarray, num_classes: int) -> DatasetBundle:
+def make_dataset(name: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                 test_y: np.ndarray, num_classes: int) -> DatasetBundle:
+    """A ``DatasetBundle`` from numpy arrays (inputs as float32, labels 0..num_classes-1):
+    what a registered loader returns (docs/extending.md)."""
     return DatasetBundle(
         name=name,
         train_x=torch.from_numpy(np.ascontiguousarray(train_x, dtype=np.float32)),
@@ -92,7 +94,7 @@ def digits(data_dir: str | None, download: bool, seed: int) -> DatasetBundle:
     # The split seed is fixed, not --seed: every node must evaluate on the same test set.
     tx, vx, ty, vy = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
     mean, std = float(tx.mean()), float(tx.std())
-    return _bundle("digits", (tx - mean) / std, ty, (vx - mean) / std, vy, 10)
+    return make_dataset("digits", (tx - mean) / std, ty, (vx - mean) / std, vy, 10)
 
 
 @register_dataset("synthetic")
@@ -108,7 +110,7 @@ def synthetic(data_dir: str | None, download: bool, seed: int, *, features: int 
 
     tx, ty = sample(train)
     vx, vy = sample(test)
-    return _bundle("synthetic", tx, ty, vx, vy, classes)
+    return make_dataset("synthetic", tx, ty, vx, vy, classes)
 
 
 def _download(name: str, fetch: Callable[[], object]) -> None:
@@ -185,7 +187,7 @@ def _idx_dataset(name: str, folder: str, mean: float, std: float, data_dir: str 
     def norm(a: np.ndarray) -> np.ndarray:
         return ((a.astype(np.float32) / 255.0 - mean) / std)[:, None, :, :]
 
-    return _bundle(name, norm(tx), ty, norm(vx), vy, 10)
+    return make_dataset(name, norm(tx), ty, norm(vx), vy, 10)
 
 
 @register_dataset("mnist")
@@ -248,4 +250,4 @@ def cifar10(data_dir: str | None, download: bool, seed: int) -> DatasetBundle:
     def norm(a: np.ndarray) -> np.ndarray:
         return (a.astype(np.float32) / 255.0 - _CIFAR_MEAN) / _CIFAR_STD
 
-    return _bundle("cifar10", norm(tx), ty, norm(vx), vy, 10)
+    return make_dataset("cifar10", norm(tx), ty, norm(vx), vy, 10)

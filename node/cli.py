@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--num-partitions", type=int, help="how many shards the data is"
                        " split into (one per node)")
     start.add_argument("--partition-index", type=int, help="which shard this node trains on")
+    start.add_argument("--plugin", dest="plugins", action="append", metavar="MODULE",
+                       help="import MODULE first: it may register data sets and models"
+                       " (docs/extending.md; repeatable)")
     ml = start.add_argument_group("aggregation, compression and privacy (docs/strategies.md)")
     ml.add_argument("--strategy", help="fedavg (default), fedprox, fedadam, fedyogi, median,"
                     " trimmed-mean, krum, multi-krum, or package.module:Name (your own)")
@@ -229,7 +232,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     """Run one node until SIGINT/SIGTERM."""
     try:
         flags = _flags(args, {"command", "config", "tui"})
-        for key in ("peers", "mdns_interfaces", "web_allowed_hosts"):
+        for key in ("peers", "mdns_interfaces", "web_allowed_hosts", "plugins"):
             if key in flags:
                 flags[key] = tuple(flags[key])
         config = build_config(flags, config_file=args.config)
@@ -256,6 +259,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     try:
+        load_plugins(config.plugins)
         strategy = parse_strategy(config.strategy, mu=config.mu, beta=config.trim_beta,
                                   f=config.krum_f, m=config.multi_krum_m, eta=config.server_lr,
                                   clip_norm=config.clip_norm)
@@ -341,6 +345,19 @@ def _start_with_tui(config: Any) -> int:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+
+
+def load_plugins(modules: tuple[str, ...]) -> None:
+    """Import each ``--plugin`` module (its decorators register data sets and models);
+    ValueError naming the module if it cannot be imported."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 (any failure of a user's module)
+            raise ValueError(f"--plugin {name}: cannot import it ({type(exc).__name__}:"
+                             f" {exc})") from None
 
 
 def cmd_token(args: argparse.Namespace) -> int:

@@ -115,6 +115,7 @@ class NodeConfig:
     fanout: int = 4
     announce_interval: float = 2.0
     dataset: str = "digits"
+    plugins: tuple[str, ...] = ()
     data_dir: str | None = None
     download: bool = False
     model: str = "cnn"
@@ -198,7 +199,9 @@ class NodeConfig:
              f"--web-host {self.web_host}: the web API (control plane) is reachable from"
              " other machines there; add --web-public to allow it")
         need(self.wait_peers is None or self.wait_peers >= 0, "--wait-peers: must be >= 0")
-        need(self.dataset in DATASETS, f"--dataset {self.dataset!r}: one of {', '.join(DATASETS)}")
+        need(self.dataset in DATASETS or bool(self.plugins),
+             f"--dataset {self.dataset!r}: one of {', '.join(DATASETS)} (or one a --plugin"
+             " registers)")
         need(self.partition in PARTITIONS, f"--partition {self.partition!r}: iid or dirichlet")
         need(self.alpha > 0, f"--alpha {self.alpha}: must be > 0")
         need(self.num_partitions >= 1, "--num-partitions: must be >= 1")
