@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,9 +22,11 @@ from .privacy import (
     poisson_schedule,
     train_local_dp,
 )
-from .strategies import FedAvg, Strategy, fedavg, proximal_mu, split_state
+from .strategies import FedAvg, Median, Strategy, fedavg, proximal_mu, split_state
 from .training import evaluate, train_local
 from .weights import Weights, get_weights, set_weights
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,15 @@ class TorchLearner:
     def aggregate(self, base: Weights, updates: Sequence[tuple[Weights, int]]) -> Weights:
         """The next global model from ``base`` (the current one, with any strategy state)
         and the round's updates, by the configured strategy."""
-        return self.strategy.aggregate(base, updates)
+        try:
+            return self.strategy.aggregate(base, updates)
+        except ValueError as exc:
+            # A robust strategy that cannot run on this round's updates (Krum with
+            # n <= 2f + 2, say, after a deadline): the coordinate-wise median still
+            # resists a minority of bad updates.
+            log.warning("strategy %s refused this round (%s); using the median",
+                        getattr(self.strategy, "name", "?"), exc)
+            return Median().aggregate(base, updates)
 
     def average(self, models: Sequence[tuple[Weights, int]]) -> Weights:
         """Offline gossip averaging: FedAvg weighted by example counts."""

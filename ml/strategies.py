@@ -294,11 +294,12 @@ class FedAdam(_ServerAdaptive):
     """FedAdam (Reddi et al. 2021): Adam on the server, ``v = b2 * v + (1 - b2) * d^2``.
 
     ``eta`` server learning rate (default 0.01, > 0), ``b1`` (0.9) and ``b2`` (0.99) moment
-    decays in [0, 1), ``tau`` adaptivity (1e-3, > 0). b1, b2 and tau are the paper's
-    values; the paper tunes eta per task on a 10^-3 .. 10^0.5 grid, and 0.01 trains the
-    digits model well (docs/strategies.md). Without bias correction each coordinate moves
-    by about ``eta`` per round at first, whatever the update's scale: lower eta for
-    models whose weights are small, raise it to go faster.
+    decays in [0, 1), ``tau`` adaptivity (1e-3, > 0). b1 = 0.9 and b2 = 0.99 are the
+    paper's; it tunes eta (and tau) per task on logarithmic grids. For the digits MLP, 30
+    rounds of 10 nodes reach 87 % test accuracy with eta = 0.001, 94 % with 0.003, 96 %
+    with 0.01 and 0.03 (FedAvg: 96 %), hence 0.01. Without bias correction each
+    coordinate first moves by about ``eta`` per round whatever the update's scale: lower
+    eta for models with small weights or for fine-tuning, raise it to go faster.
     """
 
     name = "fedadam"
@@ -536,7 +537,7 @@ def parse_strategy(spec: str, **params: Any) -> Strategy:
     follows the ``Strategy`` protocol. ``params`` come from CLI flags; ``None`` means
     unset (the class default). Known ones:
 
-    - ``mu``: FedProx proximal weight (default 0.01), ``--fedprox-mu``.
+    - ``mu``: FedProx proximal weight (default 0.01), ``--mu``.
     - ``beta``: trimmed-mean fraction cut at each end (0.2), ``--trim-beta``.
     - ``f``: Byzantine updates Krum and Multi-Krum tolerate (1), ``--krum-f``.
     - ``m``: updates Multi-Krum averages (n - f), ``--multi-krum-m``.

@@ -616,9 +616,15 @@ class Node(ControlMixin):
             self._ckpt_wanted.set()
             self.machine.average_done(action.round, action.step, digest, now())
         elif kind == "aggregate":
-            updates = [(self._dense(u), u.num_examples) for u in action.updates.values()]
-            merged = await asyncio.to_thread(self.learner.aggregate, self.global_weights,
-                                             updates)
+            try:
+                updates = [(self._dense(u), u.num_examples) for u in action.updates.values()]
+                merged = await asyncio.to_thread(self.learner.aggregate, self.global_weights,
+                                                 updates)
+            except (ValueError, ProtocolError) as exc:
+                log.error("round %d: aggregation failed: %s", action.round, exc)
+                self.machine.aggregation_failed(action.round, str(exc)[:200], now())
+                self._drain()
+                return
             merged = {k: np.asarray(v, order="C") for k, v in merged.items()}
             self.machine.aggregation_done(action.round, action.attempt, to_tensors(merged),
                                           action.updates.keys(),

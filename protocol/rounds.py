@@ -461,6 +461,16 @@ class RoundMachine:
         self.outbox.append(PublishModel(model))
         self._commit(model, self.self_key, now)
 
+    def aggregation_failed(self, round_number: int, reason: str, now: float) -> None:
+        """Our aggregation of ``round_number`` could not be done: step down for this round
+        and hand our update to the next candidate."""
+        if self.phase is not Phase.AGGREGATING or round_number != self.current:
+            return
+        self.excluded.add(self.self_key)
+        self._note("aggregator_failed", f"round {round_number}: aggregation failed ({reason});"
+                   " stepping down")
+        self._route_update(now)
+
     def tick(self, now: float) -> None:
         """The clock reached ``next_deadline()`` (or later)."""
         if self.deadline is None or now < self.deadline:

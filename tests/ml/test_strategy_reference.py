@@ -133,3 +133,14 @@ def test_a_custom_strategy_is_used_as_written() -> None:
 def test_bad_strategy_specs_are_clear_value_errors(spec, params, match) -> None:
     with pytest.raises(ValueError, match=match):
         parse_strategy(spec, **params)
+
+
+def test_a_learner_falls_back_to_the_median_when_its_strategy_cannot_run() -> None:
+    from ml.learner import TorchLearner
+
+    learner = TorchLearner(dataset="synthetic", model="linear", strategy=Krum(f=2))
+    base = learner.initial_weights()
+    ups = [({k: v + i for k, v in base.items()}, 1) for i in (0.0, 1.0, 5.0)]  # n=3 <= 2f+2
+    out = learner.aggregate(base, ups)
+    for k, v in base.items():
+        np.testing.assert_allclose(out[k], v + 1.0, rtol=1e-6)

@@ -83,6 +83,7 @@ def test_first_start_creates_the_key_file_readable_only_by_its_owner(tmp_path):
     assert path.exists()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert len(path.read_bytes()) == 32
+    assert Identity.from_seed(path.read_bytes()).public_key == ident.public_key
 
 
 def test_a_restart_reloads_the_same_key(tmp_path):

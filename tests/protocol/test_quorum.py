@@ -257,3 +257,17 @@ def test_a_late_update_pushes_the_deadline_up():
     c.m[agg].on_update(straggler, late, 25.0)
     assert "update_ignored" in notes(c.m[agg].take_actions())
     assert list(c.m[agg].deadlines.lags) == before + [pytest.approx(24.0)]
+
+
+def test_an_aggregation_that_fails_steps_the_aggregator_down():
+    c = Cluster(3)
+    c.connect_all(0.0)
+    c.start_all(0.0)
+    agg, second, third = c.rank(1)
+    for k in (third, second, agg):
+        c.train(k, 1.0, 1.0)
+    [aggregate] = c.actions(agg, Aggregate)
+    c.m[agg].aggregation_failed(aggregate.round, "krum needs more updates", 2.0)
+    acts = c.m[agg].take_actions()
+    assert "aggregator_failed" in notes(acts) and agg in c.m[agg].excluded
+    assert [a.to for a in of(acts, SendUpdate)] == [second]
