@@ -26,7 +26,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
-from zeroconf import IPVersion, ServiceStateChange
+from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from protocol.envelope import PROTOCOL_VERSION
@@ -95,7 +95,8 @@ class Discovery:
     async def run(self) -> None:
         """Register, browse, and dial until cancelled; unregister on the way out."""
         interfaces = self._interfaces()
-        azc = AsyncZeroconf(interfaces=interfaces or "all", ip_version=IPVersion.V4Only)
+        azc = AsyncZeroconf(interfaces=interfaces or InterfaceChoice.All,
+                            ip_version=IPVersion.V4Only)
         node = self.node
         short = node.node_id.replace("-", "")[:8].lower()
         info = AsyncServiceInfo(

@@ -51,8 +51,9 @@ class HostNode:
 
 
 def start_node(hosts: Hosts, host: str, base: Path, *args: str, secret: str | None = SECRET,
-               label: str | None = None) -> HostNode:
-    """Start `fl-node start` on ``host`` with mDNS on its eth0 address."""
+               label: str | None = None, mdns_interface: bool = True) -> HostNode:
+    """Start `fl-node start` on ``host`` with mDNS on its eth0 address (or, without
+    ``mdns_interface``, on every interface of its namespace: the default)."""
     name = label or f"node-{host}"
     sd = base / name
     fixed_identity(sd, name)
@@ -62,8 +63,8 @@ def start_node(hosts: Hosts, host: str, base: Path, *args: str, secret: str | No
         env["FL_NODE_FEDERATION_SECRET"] = secret
     cmd = [sys.executable, "-m", "node.cli", "start", "--name", name, "--state-dir", str(sd),
            "--host", "0.0.0.0", "--port", str(PEER_PORT), "--web-port", str(WEB_PORT),
-           "--mdns-interface", hosts.ip(host), "--log-file", str(sd / "node.log"),
-           "--dataset", "digits", *args]
+           *(("--mdns-interface", hosts.ip(host)) if mdns_interface else ()),
+           "--log-file", str(sd / "node.log"), "--dataset", "digits", *args]
     with open(sd / "stderr.log", "wb") as err:
         hosts.popen(host, cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
     return HostNode(hosts, host, name, sd)

@@ -18,8 +18,9 @@ COMMON = ("--num-partitions", "3", "--wait-peers", "2", "--start-timeout", "120"
 def test_three_hosts_find_each_other_by_mdns_and_train(tmp_path):
     require_root_and_tools("avahi-daemon", "avahi-browse", "dbus-daemon")
     with Hosts(("a", "b", "c")) as hosts:
+        # the default: mDNS on every interface (of each namespace host)
         nodes = [start_node(hosts, h, tmp_path, *COMMON, "--partition-index", str(i),
-                            "--rounds", "3")
+                            "--rounds", "3", mdns_interface=False)
                  for i, h in enumerate(("a", "b", "c"))]
         with Avahi(hosts, "a") as avahi:
             wait(lambda: len(avahi.browse(timeout=5)) >= 3, 60, "avahi sees 3 services", nodes)
