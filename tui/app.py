@@ -69,6 +69,7 @@ class FlNodeApp(App[None]):
         super().__init__()
         self.source = source
         self.dashboard = Dashboard()
+        self._redraw_pending = False
 
     def compose(self) -> ComposeResult:
         """Header and round bar on top, metrics | peers in the middle, the log below."""
@@ -97,13 +98,24 @@ class FlNodeApp(App[None]):
         async for payload in self.source.events():
             self.post_message(NodeMessage(payload))
 
+    #: Widgets are redrawn at most this often (seconds): a fast-training node sends many
+    #: events a second, and redrawing on each would let the app fall behind its keys.
+    REDRAW_INTERVAL = 0.1
+
     def on_node_message(self, message: NodeMessage) -> None:
-        """Fold a source message into the dashboard and show the result."""
+        """Fold a source message into the dashboard; the widgets follow within
+        ``REDRAW_INTERVAL``."""
         lines = self.dashboard.apply(message.payload, time.time())
-        self._show()
+        if not self._redraw_pending:
+            self._redraw_pending = True
+            self.set_timer(self.REDRAW_INTERVAL, self._redraw)
         log = self.query_one(EventLog)
         for line in lines:
             log.add(line)
+
+    def _redraw(self) -> None:
+        self._redraw_pending = False
+        self._show()
 
     def _show(self) -> None:
         """Hand the dashboard's current values to the widgets (equal values redraw nothing)."""

@@ -37,8 +37,11 @@ def log_text(app: FlNodeApp) -> str:
 
 
 async def settle(pilot: Pilot[Any], source: FakeSource, *messages: dict[str, Any]) -> None:
-    """Feed ``messages`` and let the app handle them."""
+    """Feed ``messages`` and let the app handle them and redraw (widgets follow the data
+    within ``FlNodeApp.REDRAW_INTERVAL``)."""
     await source.feed(*messages)
+    await pilot.pause()
+    await pilot.pause(2 * FlNodeApp.REDRAW_INTERVAL)
     await pilot.pause()
 
 
