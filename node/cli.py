@@ -341,7 +341,7 @@ def _start_with_tui(config: Any) -> int:
         if child.poll() is None:
             child.terminate()
             try:
-                child.wait(timeout=30)
+                child.wait(timeout=60)  # a graceful stop under load can take ~20 s
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()

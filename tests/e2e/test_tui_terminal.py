@@ -295,9 +295,9 @@ def test_start_with_tui_stops_its_node_on_quit(tmp_path, terminal):
 
         terminal.press("q")
         try:
-            node.wait(timeout=30)
+            node.wait(timeout=60)
         except psutil.TimeoutExpired:
-            raise AssertionError("the node still runs 30 s after q") from None
+            raise AssertionError("the node still runs 60 s after q") from None
         wait_for(terminal.dead, "the fl-node start --tui program to exit", terminal)
         assert terminal.exit_status() == "0"
         # the node was stopped gracefully (SIGTERM), not killed
