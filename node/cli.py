@@ -240,7 +240,12 @@ def cmd_start(args: argparse.Namespace) -> int:
         print(f"fl-node start: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.tui and not os.environ.get(TUI_CHILD_ENV):
-        return _start_with_tui(config)
+        code = _start_with_tui(config)
+        # The UI and its node are done. Leave at once: a thread the terminal UI left
+        # waiting on the terminal must not keep this process alive (seen under load).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     setup_logging(config.log_level, config.log_file, config.name)
     if not is_loopback(config.web_host):
         logging.getLogger("fl-node").warning(
@@ -307,8 +312,11 @@ def _start_with_tui(config: Any) -> int:
     if not config.log_file:
         argv += ["--log-file", str(state_dir / "node.log")]
     with open(os.devnull, "wb") as quiet:
+        # Detached from the terminal (no stdin, its own session): the UI owns the terminal,
+        # and this process stops the node when the UI ends or the terminal goes away.
         child = subprocess.Popen([sys.executable, "-m", "node.cli", *argv],
-                                 stdout=quiet, stderr=quiet,
+                                 stdin=subprocess.DEVNULL, stdout=quiet, stderr=quiet,
+                                 start_new_session=True,
                                  env={**os.environ, TUI_CHILD_ENV: "1"})
 
     def hang_up(signum: int, frame: object) -> None:
