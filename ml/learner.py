@@ -99,6 +99,7 @@ class TorchLearner:
         self.strategy: Strategy = strategy or FedAvg()
         self.dp = dp
         self.ledger: PrivacyLedger | None = None
+        self._privacy: dict[str, Any] | None = None
         if dp is not None:
             self._setup_dp(dp, ledger_path, rounds)
 
@@ -115,6 +116,7 @@ class TorchLearner:
             planned_steps=rounds * self.local_epochs * self.steps_per_epoch)
         self.ledger_path = Path(ledger_path)
         self.ledger = PrivacyLedger.load(self.ledger_path)
+        self._privacy = self._snapshot_privacy()
     def initial_weights(self) -> Weights:
         """The genesis model: built right after ``torch.manual_seed(seed)``, so identical
         on every node with the same seed, model and data set."""
@@ -141,6 +143,7 @@ class TorchLearner:
                     noise_multiplier=self.noise_multiplier,
                     max_grad_norm=self.dp.max_grad_norm, delta=self.dp.delta, stop=stop)
                 self.ledger.save(self.ledger_path)
+                self._privacy = self._snapshot_privacy()
             else:
                 mu = proximal_mu(self.strategy)
                 stats = train_local(
@@ -166,7 +169,13 @@ class TorchLearner:
                 f" {self.dp.target_epsilon:g} (spent {spent:.3f})")
 
     def privacy(self) -> dict[str, Any] | None:
-        """The privacy budget spent over this node's life (None without DP)."""
+        """The privacy budget spent over this node's life (None without DP).
+
+        Read by every status request (the event loop, several times a second with the
+        dashboard open): a snapshot made when the ledger changes, not an RDP computation."""
+        return self._privacy
+
+    def _snapshot_privacy(self) -> dict[str, Any] | None:
         if self.dp is None or self.ledger is None:
             return None
         return {

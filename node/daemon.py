@@ -18,6 +18,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -591,7 +592,9 @@ class Node(ControlMixin):
                                        result.num_examples, float(result.loss),
                                        float(result.seconds), now())
         elif kind == "send_update":
-            frame = await self._encode(self.core.frame, self._compressed(action.update))
+            # Delta and codec work on the worker thread, like the encoding of large frames.
+            message = await asyncio.to_thread(self._compressed, action.update)
+            frame = await self._encode(self.core.frame, message)
             self._stats(action.update.round)["update_bytes"] = len(frame)
             if not self.core.send_to(action.to, frame):
                 log.warning("no route to aggregator %s", node_id_from_key(action.to))
@@ -617,9 +620,8 @@ class Node(ControlMixin):
             self.machine.average_done(action.round, action.step, digest, now())
         elif kind == "aggregate":
             try:
-                updates = [(self._dense(u), u.num_examples) for u in action.updates.values()]
-                merged = await asyncio.to_thread(self.learner.aggregate, self.global_weights,
-                                                 updates)
+                updates, merged = await asyncio.to_thread(self._aggregate_updates,
+                                                          action.updates.values())
             except (ValueError, ProtocolError) as exc:
                 log.error("round %d: aggregation failed: %s", action.round, exc)
                 self.machine.aggregation_failed(action.round, str(exc)[:200], now())
@@ -661,6 +663,12 @@ class Node(ControlMixin):
                      num_examples=update.num_examples, loss=update.loss,
                      train_seconds=update.train_seconds, codec=self.codec.name,
                      weights=to_tensors(payload))
+
+    def _aggregate_updates(self, received: Iterable[Update | Delta]
+                           ) -> tuple[list[tuple[Weights, int]], Weights]:
+        """Decode the round's updates and aggregate them (blocking: on the worker thread)."""
+        updates = [(self._dense(u), u.num_examples) for u in received]
+        return updates, self.learner.aggregate(self.global_weights, updates)
 
     def _dense(self, update: Update | Delta) -> Weights:
         """Full weights of an update: a delta is added to the global model it was made
