@@ -110,6 +110,14 @@ _UPDATE_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
+def _update_body(m: Update | Delta) -> dict[str, Any]:
+    """The body fields an update and a delta share."""
+    return {
+        "round": m.round, "attempt": m.attempt, "base": m.base, "n": m.num_examples,
+        "loss": m.loss, "secs": m.train_seconds, "weights": weights_to_wire(m.weights),
+    }
+
+
 def _update_values(kind: str, b: dict[str, Any]) -> dict[str, Any]:
     """The checked values of the fields an update and a delta share (not the weights)."""
     if b["round"] < 1:
@@ -138,11 +146,7 @@ class Update:
     weights: list[Tensor] = field(repr=False)
 
     def to_body(self) -> dict[str, Any]:
-        return {
-            "round": self.round, "attempt": self.attempt, "base": self.base,
-            "n": self.num_examples, "loss": self.loss, "secs": self.train_seconds,
-            "weights": weights_to_wire(self.weights),
-        }
+        return _update_body(self)
 
     @classmethod
     def from_body(cls, body: Any) -> Update:
@@ -154,7 +158,7 @@ class Update:
 class Delta:
     """A member's update sent compressed: ``weights`` hold the codec's encoding of the
     difference between its trained weights and the round's global model ``base``
-    (``codec``: ``fp16``, ``int8`` or ``topk:FRACTION``; see ml/compress.py). Only an
+    (``codec``: ``fp16``, ``int8`` or ``topk:FRACTION``; see node/compress.py). Only an
     aggregator holding the model ``base`` can use it."""
 
     TYPE = "delta"
@@ -168,11 +172,7 @@ class Delta:
     weights: list[Tensor] = field(repr=False)
 
     def to_body(self) -> dict[str, Any]:
-        return {
-            "round": self.round, "attempt": self.attempt, "base": self.base,
-            "n": self.num_examples, "loss": self.loss, "secs": self.train_seconds,
-            "codec": self.codec, "weights": weights_to_wire(self.weights),
-        }
+        return {**_update_body(self), "codec": self.codec}
 
     @classmethod
     def from_body(cls, body: Any) -> Delta:
