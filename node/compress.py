@@ -77,6 +77,22 @@ def spec_of(weights: Mapping[str, np.ndarray]) -> dict[str, tuple[str, tuple[int
     return {name: (np.asarray(a).dtype.name, tuple(np.shape(a))) for name, a in weights.items()}
 
 
+def _aligned(base: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray],
+             what: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, base tensor, other tensor) in ``base``'s order; ``ValueError`` if the names
+    or shapes differ."""
+    if set(other) != set(base):
+        raise ValueError(f"delta: {what} and base differ in"
+                         f" {_names(list(set(other) ^ set(base)))}")
+    out = []
+    for name, ref in base.items():
+        b, o = np.asarray(ref), np.asarray(other[name])
+        if o.shape != b.shape:
+            raise ValueError(f"delta: {name} has shape {o.shape}, base has {b.shape}")
+        out.append((name, b, o))
+    return out
+
+
 def weights_delta(update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> Weights:
     """``update - base`` tensor by tensor, in ``base``'s dtypes and order.
 
@@ -84,14 +100,8 @@ def weights_delta(update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarra
     and boolean tensors by exclusive-or, so that ``apply_delta`` restores them exactly.
     ``ValueError`` if the names or shapes differ.
     """
-    if set(update) != set(base):
-        differ = list(set(update) ^ set(base))
-        raise ValueError(f"delta: update and base differ in {_names(differ)}")
     out: Weights = {}
-    for name, ref in base.items():
-        b, u = np.asarray(ref), np.asarray(update[name])
-        if u.shape != b.shape:
-            raise ValueError(f"delta: {name} has shape {u.shape}, base has {b.shape}")
+    for name, b, u in _aligned(base, update, "update"):
         if b.dtype.kind == "b":
             out[name] = np.logical_xor(u.astype(bool), b)
         else:
@@ -102,14 +112,8 @@ def weights_delta(update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarra
 
 def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> Weights:
     """``base + delta`` (the inverse of ``weights_delta``), in ``base``'s dtypes and order."""
-    if set(delta) != set(base):
-        differ = list(set(delta) ^ set(base))
-        raise ValueError(f"delta: base and delta differ in {_names(differ)}")
     out: Weights = {}
-    for name, ref in base.items():
-        b, d = np.asarray(ref), np.asarray(delta[name])
-        if d.shape != b.shape:
-            raise ValueError(f"delta: {name} has shape {d.shape}, base has {b.shape}")
+    for name, b, d in _aligned(base, delta, "delta"):
         if b.dtype.kind == "b":
             out[name] = np.logical_xor(b, d.astype(bool))
         else:
