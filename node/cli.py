@@ -240,12 +240,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         print(f"fl-node start: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.tui and not os.environ.get(TUI_CHILD_ENV):
-        code = _start_with_tui(config)
-        # The UI and its node are done. Leave at once: a thread the terminal UI left
-        # waiting on the terminal must not keep this process alive (seen under load).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        return _start_with_tui(config)
     setup_logging(config.log_level, config.log_file, config.name)
     if not is_loopback(config.web_host):
         logging.getLogger("fl-node").warning(

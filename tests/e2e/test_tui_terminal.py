@@ -1,8 +1,9 @@
 """The terminal UI in a real terminal (tmux), attached to real nodes.
 
 Each test runs a private tmux server (``tmux -L <unique name>``) with a fixed 120x40
-window, reads the screen with ``capture-pane`` and types with ``send-keys``. Panes stay
-after their program ends (``remain-on-exit``) so a test can read its exit status. Every
+window, reads the screen with ``capture-pane`` and types with ``send-keys``. A shell around
+the program writes its exit status to a file (see ``Terminal.run``), and panes stay after
+their program ends (``remain-on-exit``) so the last screen can still be read. Every
 process a test starts (tmux server, TUI, nodes) is stopped at the end, also on failure.
 """
 
@@ -65,6 +66,7 @@ class Terminal:
         self.extra: list[psutil.Process] = []  # processes to stop that may leave the tree
         self.started = False
         self.last_screen = ""
+        self.status_file = base / "pane.status"
 
     def tmux(self, *args: str) -> str:
         done = subprocess.run(["tmux", "-u", "-L", self.name, "-f", str(self.conf), *args],
@@ -74,8 +76,14 @@ class Terminal:
         return done.stdout.decode("utf-8", errors="replace")
 
     def run(self, argv: list[str]) -> None:
-        """Start ``argv`` (in the repository, with PANE_ENV) in a fresh 120x40 window."""
-        command = shlex.join(["env", *(f"{k}={v}" for k, v in PANE_ENV.items()), *argv])
+        """Start ``argv`` (in the repository, with PANE_ENV) in a fresh 120x40 window.
+
+        A shell around it writes its exit status to ``self.status_file``: tmux 3.3a's own
+        ``pane_dead_status`` is unreliable (it sometimes never reaps the pane's program,
+        leaving a zombie and no status, even for ``sleep 1``)."""
+        program = ["env", *(f"{k}={v}" for k, v in PANE_ENV.items()), *argv]
+        command = shlex.join(["sh", "-c", '"$@"; echo "$?" > "$0.part" && mv "$0.part" "$0"',
+                              str(self.status_file), *program])
         self.started = True  # from here on, close() has a server to kill
         self.tmux("new-session", "-d", "-s", "fl", "-x", str(WIDTH), "-y", str(HEIGHT),
                   "-c", str(REPO), command)
@@ -88,20 +96,37 @@ class Terminal:
         self.tmux("send-keys", "-t", "fl", key)
 
     def dead(self) -> bool:
-        """Whether the pane's program has ended and tmux has its exit status.
-
-        tmux marks a pane dead when its terminal closes, which may come before it reaps
-        the program: until then neither ``pane_dead_status`` nor ``pane_dead_signal`` is
-        set."""
-        return self.tmux("list-panes", "-t", "fl", "-F",
-                         "#{pane_dead}:#{pane_dead_status}#{pane_dead_signal}"
-                         ).strip() not in ("0:", "1:")
+        """Whether the pane's program has ended (its exit status is written)."""
+        return self.status_file.exists()
 
     def exit_status(self) -> str:
-        """``0`` for a clean exit; the status, or the signal that ended the program."""
-        status, signal = self.tmux("list-panes", "-t", "fl", "-F",
-                                   "#{pane_dead_status}:#{pane_dead_signal}").strip().split(":")
-        return status if status else f"killed by signal {signal}"
+        """``0`` for a clean exit; else the status (128 + N: killed by signal N)."""
+        return self.status_file.read_text().strip()
+
+    def stacks(self) -> str:
+        """The Python stacks of the pane's processes (py-spy), to tell a frozen UI's cause."""
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        out = []
+        try:
+            panes = self.tmux("list-panes", "-a", "-F", "#{pane_dead} #{pane_pid}")
+            out.append(f"--- panes (dead pid)\n{panes}")
+            for dead, pid in (line.split() for line in panes.splitlines()):
+                root = psutil.Process(int(pid))
+                tree = [root, *root.children(recursive=True)]
+                out.append("\n".join(f"{p.pid} {p.status()} {' '.join(p.cmdline())[:160]}"
+                                     for p in tree))
+                if dead != "0":
+                    continue
+                for p in [*tree, *self.extra]:
+                    if "python" not in p.name():
+                        continue
+                    done = subprocess.run([spy, "dump", "--locals", "--pid", str(p.pid)],
+                                          capture_output=True, timeout=30, text=True)
+                    out.append(f"--- py-spy dump {p.pid}\n{done.stdout}{done.stderr}")
+        except (RuntimeError, psutil.Error, ValueError, OSError,
+                subprocess.TimeoutExpired) as exc:
+            out.append(f"(no stacks: {exc})")
+        return "\n".join(out)
 
     def close(self) -> None:
         """Kill the tmux server and every process of the pane, also orphaned ones."""
@@ -175,7 +200,7 @@ def wait_for(probe: Callable[[], T | None], what: str, term: Terminal,
         time.sleep(0.2)
     logs = "".join(f"\n--- {n.name} log\n{n.log[-2000:]}" for n in nodes)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} ({error})\n"
-                         f"--- screen\n{term.last_screen}{logs}")
+                         f"--- screen\n{term.last_screen}{logs}\n{term.stacks()}")
 
 
 def screen_round(screen: str) -> int | None:
@@ -267,10 +292,6 @@ def test_tui_watches_and_steers_a_node(tmp_path, terminal):
                  "rounds after the TUI quit", terminal, [node])
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug, open in issue 5: under load the UI of `fl-node start --tui` sometimes "
-    "freezes within its first seconds (the standalone `fl-node tui` does not), so q is not "
-    "seen; passes when the machine is quiet"))
 def test_start_with_tui_stops_its_node_on_quit(tmp_path, terminal):
     state_dir = tmp_path / "solo"
     terminal.run([sys.executable, "-m", "node.cli", "start", "--name", "solo",
