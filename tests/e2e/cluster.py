@@ -44,7 +44,23 @@ def poll_until(pred, timeout: float, what: str, nodes, interval: float = 0.2) ->
         time.sleep(interval)
     logs = "\n".join(f"--- {n.name}\n{n.log[-3000:]}\n{_tail(n.state_dir / 'stderr.log')}"
                      for n in nodes)
-    raise AssertionError(f"timed out waiting for {what} ({last})\n{logs}")
+    # The cause again at the end, with each node's state now: a CI report that shows only
+    # the head and the tail of a long failure still says what was awaited and what was seen.
+    summary = "\n".join(_one_line(n) for n in nodes)
+    raise AssertionError(f"timed out waiting for {what} ({last})\n{logs}\n=== timed out"
+                         f" waiting for {what}; the nodes now:\n{summary}")
+
+
+def _one_line(node: Any) -> str:
+    """A node's state in one line, for failure reports."""
+    try:
+        s = node.status()
+    except Exception as exc:  # noqa: BLE001 (a dead or hung node is what we report)
+        return f"{node.name}: no status ({type(exc).__name__}: {exc})"
+    keys = ("state", "mode", "round", "evaluated_round", "quorum", "offline_steps", "role")
+    fields = " ".join(f"{k}={s.get(k)}" for k in keys if k in s)
+    peers = ",".join(f"{p.get('name')}:{p.get('state')}" for p in s.get("peers", []))
+    return f"{node.name}: {fields} peers=[{peers}]"
 
 
 def _tail(path: Path, size: int = 1500) -> str:

@@ -200,7 +200,8 @@ def wait_for(probe: Callable[[], T | None], what: str, term: Terminal,
         time.sleep(0.2)
     logs = "".join(f"\n--- {n.name} log\n{n.log[-2000:]}" for n in nodes)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} ({error})\n"
-                         f"--- screen\n{term.last_screen}{logs}\n{term.stacks()}")
+                         f"--- screen\n{term.last_screen}{logs}\n{term.stacks()}\n"
+                         f"=== timed out waiting for {what}")
 
 
 def screen_round(screen: str) -> int | None:

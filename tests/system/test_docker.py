@@ -210,8 +210,17 @@ class Federation:
             except (OSError, KeyError, ValueError, RuntimeError) as exc:
                 last = exc
             time.sleep(1)
+        summary = []
+        for c in self.engine.docker("ps", "-a", "--format", "{{.Names}}",
+                                    check=False).stdout.split():
+            try:
+                summary.append(_one_line(c, self.status(c)))
+            except (OSError, ValueError) as exc:
+                summary.append(f"{c}: no status ({exc})")
+        # The cause again at the end: a CI report may show only a long failure's tail.
         raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}"
-                             f" ({last!r})\n{self.diagnostics()}")
+                             f" ({last!r})\n{self.diagnostics()}\n=== timed out waiting for"
+                             f" {what}; the containers now:\n" + "\n".join(summary))
 
     def agree_at(self, containers: list[str], target: int, what: str,
                  timeout: float = 120) -> str:
@@ -223,6 +232,12 @@ class Federation:
         hashes = {r["model_hash"] if r else None for r in records.values()}
         assert len(hashes) == 1 and None not in hashes, (what, target, records)
         return hashes.pop()
+
+
+def _one_line(container: str, s: dict[str, Any]) -> str:
+    keys = ("state", "mode", "round", "quorum", "offline_steps", "resumed_from")
+    peers = ",".join(f"{p.get('name')}:{p.get('state')}" for p in s.get("peers", []))
+    return f"{container}: " + " ".join(f"{k}={s.get(k)}" for k in keys) + f" peers=[{peers}]"
 
 
 @pytest.fixture(scope="module")
