@@ -37,6 +37,10 @@ THREAD_DECODE_MIN = 1 << 20
 MAX_REJECTS_PER_LINK = 50
 
 
+#: Seconds a peer gets to answer our close frame when the node shuts down.
+CLOSE_GRACE = 2.0
+
+
 @dataclass(eq=False)
 class Link:
     """One authenticated WebSocket to a peer."""
@@ -303,12 +307,19 @@ class PeerTransport:
         """Queue ``frame`` for every linked peer; returns how many."""
         return sum(self.send(key, frame) for key in list(self.links))
 
-    async def close(self) -> None:
-        """Close every link and the client session."""
-        for link in list(self.links.values()):
+    async def close(self, grace: float = CLOSE_GRACE) -> None:
+        """Close every link (all at once, each peer given ``grace`` seconds to answer the
+        close frame) and the client session. A slow or vanished peer does not hold up a
+        shutdown: its connection is dropped when the grace is over."""
+        links = list(self.links.values())
+        for link in links:
             link.closed.set()
+
+        async def close_one(link: Link) -> None:
             with contextlib.suppress(Exception):
-                await link.ws.close()
+                async with asyncio.timeout(grace):
+                    await link.ws.close()
+        await asyncio.gather(*(close_one(link) for link in links))
         if self._session is not None:
             await self._session.close()
             self._session = None
