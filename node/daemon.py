@@ -586,7 +586,9 @@ class Node(ControlMixin):
             result = await asyncio.to_thread(self.learner.train, base, action.round,
                                              self._stop_training)
             self._stats(action.round)["train_seconds"] = result.seconds
-            log.info("round %d: trained on %d examples in %.2f s (loss %.4f)", action.round,
+            what = (f"offline step {self.machine.offline_steps + 1} (round {action.round})"
+                    if action.offline else f"round {action.round}")
+            log.info("%s: trained on %d examples in %.2f s (loss %.4f)", what,
                      result.num_examples, result.seconds, result.loss)
             self.machine.training_done(action.round, to_tensors(result.weights),
                                        result.num_examples, float(result.loss),
