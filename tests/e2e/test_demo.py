@@ -24,6 +24,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _interruptible() -> None:
+    """Give the demo Ctrl-C back: a shell without job control starts background commands
+    (``.ci/run &``) with SIGINT ignored, and Python keeps an inherited SIG_IGN."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_demo_runs_to_the_end_and_prints_a_table(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "node.cli", "demo", "--rounds", "3",
                            "--base-dir", str(tmp_path)], cwd=REPO, capture_output=True,
@@ -40,7 +46,8 @@ def test_demo_runs_to_the_end_and_prints_a_table(tmp_path):
 def test_ctrl_c_stops_the_demo_and_its_nodes(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "node.cli", "demo", "--rounds", "500",
                              "--base-dir", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_interruptible)
     try:
         pids: list[int] = []
         deadline = time.monotonic() + 120
