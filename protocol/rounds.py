@@ -339,6 +339,12 @@ class RoundMachine:
         if view is None:
             return
         view.round, view.state = round, state
+        if (self.phase is Phase.WAITING_MODEL and key == self.aggregator
+                and (state == Phase.OFFLINE.value or state in NON_PARTICIPATING)):
+            # Our aggregator stepped down (below quorum), stopped or finished: it will
+            # publish nothing this round, so do not wait out the model deadline.
+            self._aggregator_failed(now, f"is {state}")
+            return
         self._check_collect(now)
 
     def peer_down(self, key: bytes, now: float) -> None:
