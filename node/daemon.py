@@ -60,7 +60,7 @@ from .pairing import TokenBook
 from .state import SequenceCounter, atomic_write, load_or_create_api_token
 from .store import CheckpointError, CheckpointStore, NodeDB
 from .trust import TrustStore
-from .transport import Link, PeerTransport, now
+from .transport import Link, PeerTransport, close_ws, now
 from .weights import from_tensors, to_tensors
 
 log = logging.getLogger(__name__)
@@ -478,7 +478,7 @@ class Node(ControlMixin):
         link = self.transport.links.get(key)
         if link is not None and self._tg is not None:
             link.closed.set()
-            self._tg.create_task(link.ws.close(), name="close unpaired link")
+            self._tg.create_task(close_ws(link.ws), name="close unpaired link")
 
     def undial(self, address: str, key: bytes | str | None = None) -> None:
         """Stop keeping a link to ``address`` for ``key`` (a discovered node left)."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,8 +39,31 @@ THREAD_DECODE_MIN = 1 << 20
 MAX_REJECTS_PER_LINK = 50
 
 
-#: Seconds a peer gets to answer our close frame when the node shuts down.
+#: Seconds a peer gets to take our close frame (and answer it) before the connection is
+#: dropped: a frozen or cut-off peer stops reading, and a close would wait on TCP for
+#: many minutes while the link still counts as up.
 CLOSE_GRACE = 2.0
+
+AnyWebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+async def close_ws(ws: AnyWebSocket, grace: float = CLOSE_GRACE) -> None:
+    """Close ``ws`` politely if the peer takes it within ``grace`` seconds, else drop the
+    connection (RST, nothing more sent). Never raises, never waits longer than ``grace``."""
+    try:
+        async with asyncio.timeout(grace):
+            await ws.close()
+        return
+    except TimeoutError:
+        pass
+    except Exception:  # noqa: BLE001 (a broken connection: drop it below)
+        pass
+    sock = ws.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # The blocked writes fail at once, and the transport closes the socket.
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 @dataclass(eq=False)
@@ -48,7 +73,7 @@ class Link:
     key: bytes
     dialer: bytes
     address: str
-    ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+    ws: AnyWebSocket
     outbox: asyncio.Queue[bytes | bytearray] = field(default_factory=lambda: asyncio.Queue(256))
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     rejects: int = 0
@@ -115,12 +140,12 @@ class PeerTransport:
             reason = exc.reason if isinstance(exc, ProtocolError) else type(exc).__name__
             log.warning("refused link from %s: %s", peer_ip, reason)
             self.core.reject(None, reason)
-            await ws.close()
+            await close_ws(ws)
             return ws
         address = f"{peer_ip}:{hello3.port}"
         if trust is None:
             self._untrusted(env.sender, hello3, address)
-            await ws.close()
+            await close_ws(ws)
             return ws
         link = Link(key=env.sender, dialer=env.sender, address=address, ws=ws)
         await self._run_link(link, hello3, trust)
@@ -189,13 +214,13 @@ class PeerTransport:
                                         " one: dropped as an impostor")
                 await ws.send_bytes(self.core.hello(self.core.new_nonce(), echo=hello.nonce))
         except BaseException:
-            await ws.close()
+            await close_ws(ws)
             raise
         self.address_keys[address] = env.sender
         trust = self.core.admit(env.sender, hello, our_nonce)
         if trust is None:
             self._untrusted(env.sender, hello, address)
-            await ws.close()
+            await close_ws(ws)
             return False
         link = Link(key=env.sender, dialer=self.core.key, address=address, ws=ws)
         await self._run_link(link, hello, trust)
@@ -225,11 +250,11 @@ class PeerTransport:
         if old is not None:
             if not self._prefer(link, old):
                 log.debug("duplicate link to %s dropped", link.node_id)
-                await link.ws.close()
+                await close_ws(link.ws)
                 return
             self.links[link.key] = link
             old.closed.set()
-            await old.ws.close()
+            await close_ws(old.ws)
         else:
             self.links[link.key] = link
         # Also on a replacement link: the peer may have restarted behind us (catch-up).
@@ -244,7 +269,7 @@ class PeerTransport:
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
             if not link.ws.closed:
-                await link.ws.close()
+                await close_ws(link.ws)
             if self.links.get(link.key) is link:
                 del self.links[link.key]
                 log.info("link down: %s", link.node_id)
@@ -315,11 +340,7 @@ class PeerTransport:
         for link in links:
             link.closed.set()
 
-        async def close_one(link: Link) -> None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(grace):
-                    await link.ws.close()
-        await asyncio.gather(*(close_one(link) for link in links))
+        await asyncio.gather(*(close_ws(link.ws, grace) for link in links))
         if self._session is not None:
             await self._session.close()
             self._session = None

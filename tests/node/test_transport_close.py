@@ -1,10 +1,14 @@
-"""Shutting the peer transport down does not wait on peers that never answer."""
+"""Closing peer links never waits on a peer that does not read or answer: shutdown, and a
+link found dead, finish within the close grace, over real sockets."""
 
 from __future__ import annotations
 
 import asyncio
 
-from node.transport import Link, PeerTransport
+import aiohttp
+from aiohttp import web
+
+from node.transport import Link, PeerTransport, close_ws
 
 
 class SilentSocket:
@@ -17,6 +21,9 @@ class SilentSocket:
         self.close_started = True
         await asyncio.Event().wait()  # forever
         return True
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
 
 
 class PoliteSocket:
@@ -46,3 +53,56 @@ def test_close_gives_each_silent_peer_the_grace_at_once_and_closes_the_rest():
         assert all(link.closed.is_set() for link in transport.links.values())
 
     asyncio.run(main())
+
+
+def test_a_websocket_to_a_peer_that_stopped_reading_is_dropped_within_the_grace():
+    """A frozen peer (it stops reading: a stopped process, a cut cable) with our send
+    buffers full: a plain close() blocks on flushing them for as long as TCP retries
+    (many minutes). close_ws drops the connection after its grace instead."""
+    async def main() -> None:
+        frozen, release = asyncio.Event(), asyncio.Event()
+
+        async def handler(request: web.Request) -> web.WebSocketResponse:
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            request.transport.pause_reading()  # the peer freezes: it reads nothing more
+            frozen.set()
+            await release.wait()
+            request.transport.abort()  # the test is over: the frozen side goes too
+            return ws
+
+        app = web.Application()
+        app.router.add_get("/", handler)
+        runner = web.AppRunner(app, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            async with aiohttp.ClientSession() as session:
+                ws = await session.ws_connect(f"http://127.0.0.1:{port}/")
+                await frozen.wait()
+                chunk = bytes(1 << 20)
+                # Fill the socket buffers both ways until a send blocks.
+                for _ in range(512):
+                    try:
+                        await asyncio.wait_for(ws.send_bytes(chunk), timeout=0.5)
+                    except TimeoutError:
+                        break
+                else:
+                    raise AssertionError("512 MB went into a peer that reads nothing")
+                await asyncio.wait_for(close_ws(ws, grace=0.3), timeout=10)
+                # the connection is gone: the client side sees it closed
+                await asyncio.wait_for(_closed(ws), timeout=10)
+        finally:
+            release.set()
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+async def _closed(ws: aiohttp.ClientWebSocketResponse) -> None:
+    while not ws.closed:
+        msg = await ws.receive()
+        if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+            return

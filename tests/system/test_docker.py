@@ -224,13 +224,21 @@ class Federation:
 
     def agree_at(self, containers: list[str], target: int, what: str,
                  timeout: float = 120) -> str:
-        """Wait until every container completed round ``target``; assert one model hash
-        for that round on all of them; return it."""
-        self.wait(lambda: all(s["round"] >= target for s in self.statuses(containers).values()),
-                  timeout, f"round {target} on {', '.join(containers)} ({what})")
-        records = {c: self.metrics(c).get(target) for c in containers}
-        hashes = {r["model_hash"] if r else None for r in records.values()}
-        assert len(hashes) == 1 and None not in hashes, (what, target, records)
+        """Wait until every container committed a common round at or after ``target``;
+        assert one model hash for it on all of them; return it.
+
+        A node that was behind catches up by taking the newest global model, so it has no
+        record of the rounds it skipped: the first round they all recorded is compared."""
+        def common() -> int | None:
+            records = [set(self.metrics(c)) for c in containers]
+            shared = [r for r in set.intersection(*records) if r >= target]
+            return min(shared) if shared else None
+
+        r = self.wait(common, timeout, f"a common round >= {target} on"
+                      f" {', '.join(containers)} ({what})")
+        records = {c: self.metrics(c).get(r) for c in containers}
+        hashes = {rec["model_hash"] if rec else None for rec in records.values()}
+        assert len(hashes) == 1 and None not in hashes, (what, r, records)
         return hashes.pop()
 
 
