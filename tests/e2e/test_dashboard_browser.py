@@ -80,12 +80,11 @@ def web_node(tmp_path: Path) -> Iterator[NodeProc]:
         yield cluster.start("web", *TRAINING)
 
 
-@pytest.fixture
-def page(web_node: NodeProc):  # noqa: ANN201 (a playwright Page)
-    """A Chromium page (1280x900) on the node's dashboard, token in the URL fragment.
+@contextlib.contextmanager
+def open_page(node: NodeProc):  # noqa: ANN201 (yields a playwright Page)
+    """A Chromium page (1280x900) on ``node``'s dashboard, token in the URL fragment.
 
-    Set up after ``web_node`` so that it is closed before the node stops. Collects page
-    errors (uncaught exceptions) and console errors in ``page.problems``.
+    Collects page errors (uncaught exceptions) and console errors in ``page.problems``.
     """
     from playwright.sync_api import sync_playwright
 
@@ -99,11 +98,18 @@ def page(web_node: NodeProc):  # noqa: ANN201 (a playwright Page)
             pg.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}")
                   if msg.type == "error" else None)
             pg.problems = problems
-            pg.goto(f"http://127.0.0.1:{web_node.web_port}/#token={token_of(web_node)}",
+            pg.goto(f"http://127.0.0.1:{node.web_port}/#token={token_of(node)}",
                     wait_until="load")
             yield pg
         finally:
             browser.close()
+
+
+@pytest.fixture
+def page(web_node: NodeProc):  # noqa: ANN201 (a playwright Page)
+    """The dashboard of ``web_node`` (set up after it, so closed before the node stops)."""
+    with open_page(web_node) as pg:
+        yield pg
 
 
 def dom_round(page) -> int:  # noqa: ANN001
@@ -136,6 +142,7 @@ def test_page_updates_live_without_reload(web_node: NodeProc, page,  # noqa: ANN
     accuracy = page.text_content("#accuracy")
     assert 0.0 <= float(accuracy.split("%")[0]) <= 100.0, accuracy
     assert page.get_attribute("#conn", "data-state") == "live"
+    assert page.is_hidden("#privacy")  # no differential privacy on this node
     assert not page.problems, page.problems
 
     shot = tmp_path / "dashboard.png"
@@ -198,6 +205,36 @@ METHODS = {
     "ws-stop": (True, "stop"),
 }
 NEW_LR = 0.001
+
+
+def test_the_page_shows_the_privacy_budget_of_a_dp_node(tmp_path: Path) -> None:
+    """A node training with Opacus DP-SGD: the page shows the epsilon it has spent (the
+    ledger's figure from status), follows it as it grows, and shows the target, delta and
+    a meter; a stopped node's figure is shown exactly."""
+    with Cluster(tmp_path / "nodes") as cluster:
+        node = cluster.start("private", *TRAINING, "--dp", "--target-epsilon", "8")
+        wait(node, lambda: (node.status().get("privacy") or {}).get("epsilon", 0) > 0,
+             "some epsilon spent")
+        with open_page(node) as pg:
+            pg.wait_for_function(
+                "() => !document.getElementById('privacy').hidden"
+                " && /^\\d+\\.\\d{3} of 8$/.test(document.getElementById('epsilon').textContent)")
+            shown = float(pg.text_content("#epsilon").split()[0])
+            assert 0 < shown <= node.status()["privacy"]["epsilon"] + 0.0005 < 8
+            # it follows the node as training spends more
+            pg.wait_for_function(
+                "e => Number(document.getElementById('epsilon').textContent.split(' ')[0]) > e",
+                arg=shown)
+            # stopped, the figure holds still: the page shows exactly the node's own
+            set_running(node, token_of(node), False)
+            privacy = node.status()["privacy"]
+            pg.wait_for_function(
+                "t => document.getElementById('epsilon').textContent === t",
+                arg=f"{privacy['epsilon']:.3f} of 8")
+            meter = pg.evaluate("(m => [m.value, m.max])(document.getElementById('epsilon-meter'))")
+            assert meter == [pytest.approx(privacy["epsilon"]), 8]
+            assert float(pg.text_content("#delta")) == pytest.approx(privacy["delta"])
+            assert not pg.problems, pg.problems
 
 
 @pytest.fixture(scope="module")
