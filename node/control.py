@@ -106,7 +106,7 @@ class ControlMixin:
             raise ValueError(f"the run is complete ({m.completed} rounds)")
         if m.phase is not Phase.STOPPED:
             return
-        refusal = self.learner.can_train()
+        refusal = await asyncio.to_thread(self.learner.can_train)  # an RDP computation
         if refusal is not None:
             raise ValueError(refusal)
         self.stopped_reason = None
@@ -118,16 +118,23 @@ class ControlMixin:
 
     async def stop_training(self: Node) -> None:
         """Stop taking part after the current step; nothing is lost (start resumes)."""
-        m = self.machine
-        if m.phase in (Phase.STOPPED, Phase.DONE):
+        if self.machine.phase in (Phase.STOPPED, Phase.DONE):
             return
+        self.halt("stopped by the operator", reason="operator", kind="training_stopped",
+                  detail=f"by the operator, round {self.machine.current}")
+
+    def halt(self: Node, why: str, *, reason: str, kind: str, detail: str) -> None:
+        """Stop taking part after the current step, keeping all state (start resumes):
+        ``why`` shows in status, ``reason`` in the ``training_stopped`` event, and
+        ``kind``/``detail`` in the event log."""
+        m = self.machine
         m.pause(now())
-        self.stopped_reason = "stopped by the operator"
+        self.stopped_reason = why
         self._stop_training.set()  # a training step in progress ends early, and is dropped
         self._drain()
         self.broadcast_state()  # peers stop counting us as a participant now
-        self.hub.publish("training_stopped", {"round": m.current, "reason": "operator"})
-        self.note("training_stopped", f"by the operator, round {m.current}")
+        self.hub.publish("training_stopped", {"round": m.current, "reason": reason})
+        self.note(kind, detail)
 
     def note(self: Node, kind: str, detail: str) -> None:
         """Record an event (database, via the checkpointer) and push it to clients."""

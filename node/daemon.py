@@ -578,7 +578,9 @@ class Node(ControlMixin):
                 return
             refusal = await asyncio.to_thread(self.learner.can_train)
             if refusal is not None:
-                self._refuse_training(refusal)
+                # The privacy budget is spent: peers see the node stopped and carry on.
+                log.warning("training stopped: %s", refusal)
+                self.halt(refusal, reason=refusal, kind="training_refused", detail=refusal)
                 return
             self._stats(action.round)["started_at"] = time.time()
             self._stop_training.clear()
@@ -642,17 +644,6 @@ class Node(ControlMixin):
         elif kind == "evaluate":
             await self._evaluate(action)
         self._drain()
-
-    def _refuse_training(self, reason: str) -> None:
-        """Stop taking part for good (the privacy budget is spent): peers see the node
-        stopped and carry on; its state and the model stay."""
-        self.stopped_reason = reason
-        self.machine.pause(now())
-        self._drain()
-        self.broadcast_state()
-        log.warning("training stopped: %s", reason)
-        self.note("training_refused", reason)
-        self.hub.publish("training_stopped", {"round": self.machine.current, "reason": reason})
 
     def _compressed(self, update: Update) -> Update | Delta:
         """``update`` as a ``delta`` of the configured codec when it was trained from the
