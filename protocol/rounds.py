@@ -54,6 +54,8 @@ STATE_PREFIX = "fl.opt."
 
 #: Peer states (reported in heartbeats) in which a member does not take part in rounds.
 NON_PARTICIPATING = frozenset({"stopped", "done"})
+#: Peer states in which an aggregator publishes nothing in the round: those, and offline.
+NOT_PUBLISHING = NON_PARTICIPATING | {"offline"}
 
 
 class Phase(enum.Enum):
@@ -340,7 +342,7 @@ class RoundMachine:
             return
         view.round, view.state = round, state
         if (self.phase is Phase.WAITING_MODEL and key == self.aggregator
-                and (state == Phase.OFFLINE.value or state in NON_PARTICIPATING)):
+                and state in NOT_PUBLISHING):
             # Our aggregator stepped down (below quorum), stopped or finished: it will
             # publish nothing this round, so do not wait out the model deadline.
             self._aggregator_failed(now, f"is {state}")
@@ -472,10 +474,7 @@ class RoundMachine:
         and hand our update to the next candidate."""
         if self.phase is not Phase.AGGREGATING or round_number != self.current:
             return
-        self.excluded.add(self.self_key)
-        self._note("aggregator_failed", f"round {round_number}: aggregation failed ({reason});"
-                   " stepping down")
-        self._route_update(now)
+        self._step_down(now, f"aggregation failed ({reason})")
 
     def tick(self, now: float) -> None:
         """The clock reached ``next_deadline()`` (or later)."""
@@ -493,11 +492,8 @@ class RoundMachine:
                 self._aggregate(now, reason="deadline")
             else:
                 # No quorum of updates came to us: the others elected someone else (we
-                # restarted, say) or are gone. Step down and hand our update on.
-                self.excluded.add(self.self_key)
-                self._note("aggregator_failed", f"round {self.current}: {have} of"
-                           f" {self.quorum} updates by the deadline; stepping down")
-                self._route_update(now)
+                # restarted, say) or are gone.
+                self._step_down(now, f"{have} of {self.quorum} updates by the deadline")
 
     # -- internals --------------------------------------------------------------------
 
@@ -598,6 +594,12 @@ class RoundMachine:
             if self.my_update.attempt != self.attempt:
                 self.my_update = replace(self.my_update, attempt=self.attempt)
             self.outbox.append(SendUpdate(agg, self.my_update))
+
+    def _step_down(self, now: float, why: str) -> None:
+        """We cannot aggregate this round: exclude ourselves and hand our update on."""
+        self.excluded.add(self.self_key)
+        self._note("aggregator_failed", f"round {self.current}: {why}; stepping down")
+        self._route_update(now)
 
     def _aggregator_failed(self, now: float, why: str) -> None:
         failed = self.aggregator

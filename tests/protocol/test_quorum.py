@@ -197,15 +197,22 @@ def test_an_aggregator_that_went_down_is_not_elected_again_in_that_round():
     assert c.actions(third, SendUpdate)[-1].to == second
 
 
-@pytest.mark.parametrize("state", ["offline", "stopped", "done"])
-def test_a_waiting_node_gives_up_on_an_aggregator_that_says_it_will_not_publish(state):
+def waiting_for_the_model():
+    """3 members, quorum 2: the third-ranked has trained round 1 and waits for the model
+    of the first-ranked (which is still training). Returns the cluster and the ranking."""
     c = Cluster(3, quorum=2)
     c.connect_all(0.0)
     c.start_all(0.0)
-    agg, second, third = c.rank(1)
+    agg, second, third = ranked = c.rank(1)
     c.train(third, 1.0, 1.0)
     assert c.m[third].phase is Phase.WAITING_MODEL and c.m[third].aggregator == agg
     c.m[third].take_actions()
+    return c, ranked
+
+
+@pytest.mark.parametrize("state", ["offline", "stopped", "done"])
+def test_a_waiting_node_gives_up_on_an_aggregator_that_says_it_will_not_publish(state):
+    c, (agg, second, third) = waiting_for_the_model()
     # its heartbeat: the aggregator stepped down below quorum (or was stopped, or is done)
     c.m[third].peer_status(agg, 2.0, round=0, state=state)
     acts = c.m[third].take_actions()
@@ -216,12 +223,7 @@ def test_a_waiting_node_gives_up_on_an_aggregator_that_says_it_will_not_publish(
 
 
 def test_a_waiting_node_keeps_waiting_for_an_aggregator_that_still_trains():
-    c = Cluster(3, quorum=2)
-    c.connect_all(0.0)
-    c.start_all(0.0)
-    agg, second, third = c.rank(1)
-    c.train(third, 1.0, 1.0)
-    c.m[third].take_actions()
+    c, (agg, second, third) = waiting_for_the_model()
     c.m[third].peer_status(agg, 2.0, round=0, state="training")
     assert "aggregator_failed" not in notes(c.m[third].take_actions())
     assert c.m[third].phase is Phase.WAITING_MODEL and c.m[third].aggregator == agg
