@@ -145,14 +145,11 @@ class TorchLearner:
                 self.ledger.save(self.ledger_path)
                 self._privacy = self._snapshot_privacy()
             else:
-                mu = proximal_mu(self.strategy)
+                # FedProx anchors on the global model just loaded (train_local's default).
                 stats = train_local(
                     self.model, self.x, self.y, epochs=self.local_epochs,
                     batch_size=self.batch_size, lr=self.lr, seed=seed, stop=stop,
-                    prox_mu=mu,
-                    prox_base={k: torch.from_numpy(v) for k, v in model_weights.items()}
-                    if mu > 0 else None,
-                )
+                    prox_mu=proximal_mu(self.strategy))
             return TrainResult(get_weights(self.model), stats.num_examples, stats.loss,
                                stats.seconds)
 
