@@ -8,12 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from node.demo import get_json, stop_processes, wait_endpoint
 from protocol.identity import Identity
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,27 +31,35 @@ def fixed_identity(state_dir: Path, label: str) -> Identity:
     return Identity.from_seed(seed)
 
 
-def poll_until(pred, timeout: float, what: str, nodes, interval: float = 0.2) -> None:  # noqa: ANN001
-    """Call ``pred`` until it is true; on timeout fail with the nodes' recent logs.
+def poll_until(pred: Callable[[], T], timeout: float, what: str, nodes=(),  # noqa: ANN001
+               interval: float = 0.2, *,
+               not_yet: tuple[type[Exception], ...] = (OSError, ValueError, KeyError),
+               extra: Callable[[], str] | None = None,
+               summary: Callable[[], str] | None = None) -> T:
+    """Call ``pred`` until it returns something true, and return that; on timeout fail
+    with ``extra()`` (a screen, say), the nodes' recent logs, and at the end again what was
+    awaited with ``summary()`` (default: each node's state in one line).
 
-    A node that does not answer yet (OSError) or answers something incomplete
-    (ValueError, KeyError) just means: not yet."""
+    An exception in ``not_yet`` just means: not yet (by default a node that does not
+    answer yet, OSError, or answers something incomplete, ValueError and KeyError)."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            if pred():
-                return
-        except (OSError, ValueError, KeyError) as exc:
+            value = pred()
+            if value:
+                return value
+        except not_yet as exc:
             last = exc
         time.sleep(interval)
     logs = "\n".join(f"--- {n.name}\n{n.log[-3000:]}\n{_tail(n.state_dir / 'stderr.log')}"
                      for n in nodes)
-    # The cause again at the end, with each node's state now: a CI report that shows only
-    # the head and the tail of a long failure still says what was awaited and what was seen.
-    summary = "\n".join(_one_line(n) for n in nodes)
-    raise AssertionError(f"timed out waiting for {what} ({last})\n{logs}\n=== timed out"
-                         f" waiting for {what}; the nodes now:\n{summary}")
+    # The cause again at the end, with the state now: a CI report that shows only the
+    # head and the tail of a long failure still says what was awaited and what was seen.
+    now = summary() if summary else "\n".join(_one_line(n) for n in nodes)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} ({last!r})\n"
+                         f"{extra() + chr(10) if extra else ''}{logs}\n"
+                         f"=== timed out waiting for {what}; now:\n{now}")
 
 
 def _one_line(node: Any) -> str:

@@ -16,7 +16,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import TypeVar
 import psutil
 import pytest
 
-from .cluster import REPO, Cluster, NodeProc
+from .cluster import REPO, Cluster, NodeProc, poll_until
 
 pytestmark = [
     pytest.mark.slow,
@@ -184,24 +183,10 @@ def terminal(tmp_path: Path) -> Iterator[Terminal]:
 
 def wait_for(probe: Callable[[], T | None], what: str, term: Terminal,
              nodes: list[NodeProc] = (), timeout: float = TIMEOUT) -> T:
-    """Call ``probe`` until it returns something truthy, and return that.
-
-    An unreachable node (OSError) or a partial answer (ValueError, KeyError) means: not
-    yet. On timeout, fail with the screen and the nodes' log tails."""
-    deadline = time.monotonic() + timeout
-    error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = probe()
-            if value:
-                return value
-        except (OSError, ValueError, KeyError) as exc:
-            error = exc
-        time.sleep(0.2)
-    logs = "".join(f"\n--- {n.name} log\n{n.log[-2000:]}" for n in nodes)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} ({error})\n"
-                         f"--- screen\n{term.last_screen}{logs}\n{term.stacks()}\n"
-                         f"=== timed out waiting for {what}")
+    """``poll_until`` ``probe`` and return its value; on timeout the failure shows the
+    last screen and the pane's Python stacks too."""
+    return poll_until(probe, timeout, what, nodes,
+                      extra=lambda: f"--- screen\n{term.last_screen}\n{term.stacks()}")
 
 
 def screen_round(screen: str) -> int | None:

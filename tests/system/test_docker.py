@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 import pytest
 
+from tests.e2e.cluster import poll_until
 from tests.system.dockerenv import (
     Engine, compose_plugin, docker_cli, hadolint, make_docker_config, prepare_caches,
     require_docker_tools,
@@ -197,30 +198,24 @@ class Federation:
         return "\n".join(out)
 
     def wait(self, pred: Callable[[], Any], timeout: float, what: str) -> Any:
-        """Poll ``pred`` until it returns something true; on timeout fail with every
-        container's state and recent log. A node that does not answer yet (OSError) or
-        answers something incomplete (KeyError, ValueError) means: not yet."""
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                value = pred()
-                if value:
-                    return value
-            except (OSError, KeyError, ValueError, RuntimeError) as exc:
-                last = exc
-            time.sleep(1)
-        summary = []
+        """Poll ``pred`` every second until it returns something true; on timeout fail
+        with every container's state and recent log. A node that does not answer yet
+        (OSError, RuntimeError) or answers something incomplete (KeyError, ValueError)
+        means: not yet."""
+        return poll_until(pred, timeout, what, interval=1,
+                          not_yet=(OSError, KeyError, ValueError, RuntimeError),
+                          extra=self.diagnostics, summary=self.summary)
+
+    def summary(self) -> str:
+        """Each container's state in one line."""
+        lines = []
         for c in self.engine.docker("ps", "-a", "--format", "{{.Names}}",
                                     check=False).stdout.split():
             try:
-                summary.append(_one_line(c, self.status(c)))
+                lines.append(_one_line(c, self.status(c)))
             except (OSError, ValueError) as exc:
-                summary.append(f"{c}: no status ({exc})")
-        # The cause again at the end: a CI report may show only a long failure's tail.
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}"
-                             f" ({last!r})\n{self.diagnostics()}\n=== timed out waiting for"
-                             f" {what}; the containers now:\n" + "\n".join(summary))
+                lines.append(f"{c}: no status ({exc})")
+        return "\n".join(lines)
 
     def agree_at(self, containers: list[str], target: int, what: str,
                  timeout: float = 120) -> str:
