@@ -49,15 +49,24 @@ AnyWebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 async def close_ws(ws: AnyWebSocket, grace: float = CLOSE_GRACE) -> None:
     """Close ``ws`` politely if the peer takes it within ``grace`` seconds, else drop the
-    connection (RST, nothing more sent). Never raises, never waits longer than ``grace``."""
+    connection (RST, nothing more sent). Never raises (but for a cancellation, after the
+    drop) and never waits longer than ``grace``."""
     try:
         async with asyncio.timeout(grace):
             await ws.close()
         return
     except TimeoutError:
         pass
+    except asyncio.CancelledError:
+        _reset(ws)
+        raise
     except Exception:  # noqa: BLE001 (a broken connection: drop it below)
         pass
+    _reset(ws)
+
+
+def _reset(ws: AnyWebSocket) -> None:
+    """Drop the connection under ``ws`` at once (RST), whatever is left to send."""
     sock = ws.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
@@ -102,6 +111,8 @@ class PeerTransport:
         self.on_link_up = on_link_up
         self.on_link_down = on_link_down
         self.links: dict[bytes, Link] = {}
+        #: Peers the node was told are up (``on_link_up``) and not yet down.
+        self._up: set[bytes] = set()
         self.address_keys: dict[str, bytes] = {}
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -189,6 +200,9 @@ class PeerTransport:
                     log.warning("handshake with %s failed: %s", address, reason)
                     self.core.reject(None, reason)
                     delay = max(delay, 30.0)  # an impostor or a stranger: do not hammer
+            except Exception:  # noqa: BLE001 (a bug must not end the dialing for good)
+                log.exception("link to %s failed", address)
+                delay = max(delay, 5.0)
             await asyncio.sleep(delay)
             if delay < 5.0:
                 delay = min(delay * 2, 5.0)
@@ -246,41 +260,62 @@ class PeerTransport:
         return new.dialer < old.dialer
 
     async def _run_link(self, link: Link, hello: Hello, trust: str) -> None:
+        """Run ``link`` until it ends. The node hears ``on_link_up`` and ``on_link_down`` in
+        pairs per peer: up when a link to it first serves, down when the link serving it
+        ends with none to take over, whatever order concurrent links (both sides dialing,
+        re-dials) come and go in, and also if this task is cancelled (an undial)."""
         old = self.links.get(link.key)
-        if old is not None:
-            if not self._prefer(link, old):
-                log.debug("duplicate link to %s dropped", link.node_id)
-                await close_ws(link.ws)
-                return
-            self.links[link.key] = link
-            old.closed.set()
-            await close_ws(old.ws)
-        else:
-            self.links[link.key] = link
-        # Also on a replacement link: the peer may have restarted behind us (catch-up).
-        self.on_link_up(link, hello, trust)
-        self._changed.set()
-        log.info("link up: %s (%s) at %s", hello.name, link.node_id, link.address)
-        writer = asyncio.create_task(self._writer(link))
+        if old is not None and not self._prefer(link, old):
+            log.debug("duplicate link to %s dropped", link.node_id)
+            await close_ws(link.ws)
+            return
+        self.links[link.key] = link
+        writer: asyncio.Task[None] | None = None
         try:
+            if old is not None:
+                old.closed.set()
+                await close_ws(old.ws)
+                if self.links.get(link.key) is not link:
+                    # A newer link took over while the old one closed: that one serves
+                    # the peer; announcing this one would count a peer no link serves.
+                    log.debug("link to %s superseded while it came up", link.node_id)
+                    return
+            # Also on a replacement link: the peer may have restarted behind us (catch-up).
+            self._up.add(link.key)
+            self.on_link_up(link, hello, trust)
+            self._changed.set()
+            log.info("link up: %s (%s) at %s", hello.name, link.node_id, link.address)
+            writer = asyncio.create_task(self._writer(link))
             await self._reader(link)
         finally:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
-            if not link.ws.closed:
-                await close_ws(link.ws)
+            # The bookkeeping first, with no await before it: a cancellation arriving in
+            # the closing below must not leave the peer counted as connected.
             if self.links.get(link.key) is link:
                 del self.links[link.key]
-                log.info("link down: %s", link.node_id)
-                self.on_link_down(link)
+                if link.key in self._up:
+                    self._up.discard(link.key)
+                    log.info("link down: %s", link.node_id)
+                    self.on_link_down(link)
             self._changed.set()
+            link.closed.set()
+            if writer is not None:
+                writer.cancel()
+            if not link.ws.closed:
+                await close_ws(link.ws)
+            if writer is not None:
+                # wait() and not ``await writer``: a cancellation of this task while it
+                # waits must end it, not be taken for the writer's and swallowed.
+                await asyncio.wait({writer})
 
     async def _reader(self, link: Link) -> None:
         ws = link.ws
         while not link.closed.is_set():
             try:
-                msg = await ws.receive(timeout=self.idle_timeout)
+                # Our own timeout around all of receive(), not receive(timeout=...): aiohttp
+                # applies that one to the wait for a frame only, not to the pong or close
+                # it sends from inside receive(), which blocks on a peer that reads nothing.
+                async with asyncio.timeout(self.idle_timeout):
+                    msg = await ws.receive()
             except TimeoutError:
                 # Peers send a heartbeat every second: this much silence means the link is
                 # dead even if TCP has not noticed (a partition, a pulled cable).
@@ -310,11 +345,19 @@ class PeerTransport:
                     return
 
     async def _writer(self, link: Link) -> None:
-        while True:
-            frame = await link.outbox.get()
-            await link.ws.send_bytes(frame)
-            self.core.counters.bytes_sent += len(frame)
-            self.core.counters.messages_sent += 1
+        try:
+            while True:
+                frame = await link.outbox.get()
+                await link.ws.send_bytes(frame)
+                self.core.counters.bytes_sent += len(frame)
+                self.core.counters.messages_sent += 1
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            # The connection broke under a send: end the link (the reader sees the close)
+            # rather than leave it up with a writer that is gone.
+            log.warning("link to %s: send failed (%s): closing it", link.node_id,
+                        str(exc) or type(exc).__name__)
+            link.closed.set()
+            await close_ws(link.ws)
 
     def send(self, key: bytes, frame: bytes | bytearray) -> bool:
         """Queue ``frame`` for ``key``; False if there is no link (or its queue is full)."""

@@ -106,3 +106,77 @@ async def _closed(ws: aiohttp.ClientWebSocketResponse) -> None:
         msg = await ws.receive()
         if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
             return
+
+
+def test_a_link_whose_peer_froze_after_a_ping_is_closed_within_the_idle_timeout():
+    """The reader's idle timeout bounds all of receive(). aiohttp's own receive(timeout=)
+    bounds only the wait for a frame: the pong it sends from inside receive() for a peer's
+    ping blocks, with our send buffers full, for as long as TCP retries, and the link of a
+    peer that froze (or was cut off) right after its ping stayed up for minutes."""
+    async def main() -> None:
+        frozen, release, pinged = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        go_ping = asyncio.Event()
+
+        async def handler(request: web.Request) -> web.WebSocketResponse:
+            ws = web.WebSocketResponse(autoping=False)
+            await ws.prepare(request)
+            request.transport.pause_reading()  # the peer reads nothing more
+            frozen.set()
+            await go_ping.wait()
+            await ws.ping(b"last words")  # its last frame before it goes silent
+            pinged.set()
+            await release.wait()
+            request.transport.abort()
+            return ws
+
+        app = web.Application()
+        app.router.add_get("/", handler)
+        runner = web.AppRunner(app, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            async with aiohttp.ClientSession() as session:
+                ws = await session.ws_connect(f"http://127.0.0.1:{port}/", autoping=True)
+                await frozen.wait()
+                # Our writer sends until it blocks on the full buffers, as a node's does.
+                sent = 0
+
+                async def fill() -> None:
+                    nonlocal sent
+                    while True:
+                        await ws.send_bytes(bytes(1 << 20))
+                        sent += 1
+
+                filler = asyncio.create_task(fill())
+                last = -1
+                while sent != last:
+                    last = sent
+                    await asyncio.sleep(0.3)
+                assert sent < 512, "512 MB went into a peer that reads nothing"
+                # Our writes since the last flow-control wait now sum to exactly aiohttp's
+                # limit: the next frame we write, the pong, is the one that waits to drain.
+                writer = ws._writer  # noqa: SLF001 (the scenario needs this exact state)
+                room = writer._limit - writer._output_size  # noqa: SLF001
+                header = (2 if room < 126 + 6 else 4 if room < 65536 + 8 else 10) + 4  # + mask
+                await ws.send_bytes(bytes(room - header))
+                assert writer._output_size == writer._limit  # noqa: SLF001
+                go_ping.set()
+                await pinged.wait()
+                transport = PeerTransport(None, on_frame=None,  # type: ignore[arg-type]
+                                          on_link_up=None, on_link_down=None)
+                transport.idle_timeout = 0.5
+                key = b"\x01" * 32
+                link = Link(key=key, dialer=key, address=f"127.0.0.1:{port}", ws=ws)
+                # Without the bound on all of receive() this waits on TCP for minutes.
+                try:
+                    await asyncio.wait_for(transport._reader(link), timeout=10)  # noqa: SLF001
+                finally:
+                    await close_ws(ws, grace=0.3)
+                    filler.cancel()
+        finally:
+            release.set()
+            await runner.cleanup()
+
+    asyncio.run(main())
