@@ -51,9 +51,11 @@ from protocol.tensors import weights_digest
 
 from .compress import ErrorFeedback, apply_delta, parse_codec, weights_delta
 from .control import ControlMixin
-from .dashboard import EventHub, allowed_hosts_for, resources
 from .config import NodeConfig, parse_key, parse_peer, read_federation_secret
 from .core import NodeCore, TrustPolicy
+from .dashboard import resources
+from .hostguard import allowed_hosts_for
+from .hub import EventHub
 from .learner import Learner, Weights
 from .pair_flow import PAIR_PATH, handle_pair_request
 from .pairing import TokenBook

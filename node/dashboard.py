@@ -4,11 +4,12 @@
 live WebSocket (``/ws``), the control and read endpoints (``/api/peers``, ``/api/config``,
 ``/api/start``, ``/api/stop``, ``/api/events``) and Prometheus ``/metrics`` (see
 docs/api.md). It talks to the node only through the ``Controllable`` protocol, and the node
-pushes live events through an ``EventHub``; neither knows about the other's internals.
+pushes live events through an ``EventHub`` (node.hub); neither knows about the other's
+internals.
 
-Every request is checked by ``host_origin_guard`` (DNS rebinding, CSRF); every mutating
-call needs ``Authorization: Bearer <token>``, and a WebSocket authenticates with its first
-message.
+Every request is checked by ``host_origin_guard`` (node.hostguard: DNS rebinding, CSRF);
+every mutating call needs ``Authorization: Bearer <token>``, and a WebSocket authenticates
+with its first message.
 """
 
 from __future__ import annotations
@@ -20,25 +21,22 @@ import hmac
 import json
 import logging
 import math
-import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import aiohttp
 import psutil
 from aiohttp import WSCloseCode, WSMsgType, hdrs, web
-from aiohttp.typedefs import Handler, Middleware
+
+from .hostguard import host_origin_guard
+from .hub import STATUS_UPDATE, EventHub, HubEvent, SubscriberLagging, Subscription, message
 
 log = logging.getLogger(__name__)
 
 #: The close code a WebSocket gets when it did not authenticate (contract: 4401).
 WS_UNAUTHORIZED = 4401
-STATUS_UPDATE = "status_update"
-#: Events a subscriber may hold before the drop policy applies.
-DEFAULT_QUEUE_SIZE = 256
+#: The most events ``/api/events`` returns at once.
 MAX_EVENTS_LIMIT = 1000
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -56,7 +54,6 @@ _PAGE_HEADERS = {
     ),
 }
 _PEER_STATES = ("connected", "relayed", "suspect", "gone", "untrusted")
-_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
 
 
 class Controllable(Protocol):
@@ -107,121 +104,6 @@ class Controllable(Protocol):
     async def stop_training(self) -> None:
         """Stop after the current step. Raises ValueError with a reason when it cannot now."""
         ...
-
-
-# -- the event hub --------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class HubEvent:
-    """One published event: its type and its WebSocket message, serialised once."""
-
-    type: str
-    text: str
-
-
-class SubscriberLagging(Exception):
-    """The subscriber fell so far behind that events had to be lost; it must resync."""
-
-
-class Subscription:
-    """One WebSocket's bounded queue of hub events.
-
-    A deque and an Event rather than an ``asyncio.Queue``: the drop policy removes the
-    oldest ``status_update`` from the middle of the queue, which a Queue cannot do.
-    When the queue is full, the oldest status update goes (a newer one is queued anyway);
-    with none to drop, a new status update is discarded, and any other event marks the
-    subscriber as lagging: its queue is cleared and ``get`` raises ``SubscriberLagging``,
-    so the socket closes and the browser reconnects and reloads the history.
-    """
-
-    def __init__(self, maxsize: int) -> None:
-        if maxsize < 1:
-            raise ValueError("maxsize must be at least 1")
-        self.maxsize = maxsize
-        self.lagging = False
-        #: Status updates dropped so far, for tests and logs.
-        self.dropped = 0
-        self._items: collections.deque[HubEvent] = collections.deque()
-        self._ready = asyncio.Event()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, event: HubEvent) -> None:
-        """Queue an event without ever blocking; apply the drop policy when full."""
-        if self.lagging:
-            return
-        if len(self._items) >= self.maxsize and not self._drop_oldest_status():
-            if event.type == STATUS_UPDATE:
-                self.dropped += 1
-                return
-            self.lagging = True
-            self._items.clear()
-            self._ready.set()
-            return
-        self._items.append(event)
-        self._ready.set()
-
-    def _drop_oldest_status(self) -> bool:
-        for item in self._items:
-            if item.type == STATUS_UPDATE:
-                self._items.remove(item)
-                self.dropped += 1
-                return True
-        return False
-
-    async def get(self) -> HubEvent:
-        """The next event, waiting for one; raises SubscriberLagging once lagging."""
-        while not self._items:
-            if self.lagging:
-                raise SubscriberLagging
-            self._ready.clear()
-            await self._ready.wait()
-        return self._items.popleft()
-
-
-def _message(type_: str, data: Any, ts: float | None = None) -> str:
-    return json.dumps({"type": type_, "data": data, "ts": time.time() if ts is None else ts})
-
-
-class EventHub:
-    """Fans the node's live events out to every connected WebSocket.
-
-    Call ``publish`` from the node's event loop only (it is not thread-safe). It never
-    blocks and never grows without bound: each subscriber has its own bounded queue (see
-    ``Subscription``), and a subscriber that lags is dropped from the hub.
-    """
-
-    def __init__(self, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
-        self.queue_size = queue_size
-        self._subscribers: set[Subscription] = set()
-
-    @property
-    def subscriber_count(self) -> int:
-        """How many subscriptions receive events now."""
-        return len(self._subscribers)
-
-    def subscribe(self) -> Subscription:
-        """A new subscription; pair it with ``unsubscribe``."""
-        sub = Subscription(self.queue_size)
-        self._subscribers.add(sub)
-        return sub
-
-    def unsubscribe(self, sub: Subscription) -> None:
-        """Stop delivering to ``sub`` (idempotent)."""
-        self._subscribers.discard(sub)
-
-    def publish(self, type: str, data: Mapping[str, Any], ts: float | None = None) -> None:
-        """Send ``{"type", "data", "ts"}`` to every subscriber (``ts``: now by default).
-
-        ``data`` must be JSON-serialisable; it is serialised here, once.
-        """
-        event = HubEvent(type, _message(type, dict(data), ts))
-        for sub in list(self._subscribers):
-            sub.put(event)
-            if sub.lagging:
-                self._subscribers.discard(sub)
 
 
 # -- resources and Prometheus ---------------------------------------------------------
@@ -315,84 +197,6 @@ def prometheus_text(status: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# -- Host and Origin ------------------------------------------------------------------
-
-
-def _host_port(host: str, default_port: int | None) -> str | None:
-    """``host[:port]`` as a lower-case ``host:port`` (IPv6 in brackets), or None if bad."""
-    if not host or any(c in host for c in "/?#@\\ "):
-        return None
-    try:
-        parts = urlsplit("//" + host)
-        port = parts.port
-    except ValueError:
-        return None
-    name = parts.hostname
-    port = port if port is not None else default_port
-    if not name or port is None:
-        return None
-    return f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
-
-
-def _origin_host_port(origin: str) -> str | None:
-    try:
-        parts = urlsplit(origin)
-    except ValueError:
-        return None
-    default = {"http": 80, "https": 443}.get(parts.scheme)
-    if default is None or parts.path not in ("", "/") or parts.query or parts.username:
-        return None
-    return _host_port(parts.netloc, default)
-
-
-def allowed_hosts_for(bind_host: str, port: int, extra: Iterable[str] = ()) -> set[str]:
-    """The ``host:port`` strings a node's web server answers to.
-
-    Always the loopback names; the bind address too unless it is a wildcard; and each
-    ``extra`` host name, with ``:port`` appended when it names no port.
-    """
-    hosts = {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
-    names = [] if bind_host in _WILDCARD_HOSTS else [bind_host]
-    for name in [*names, *extra]:
-        if name.count(":") > 1 and not name.startswith("["):  # a bare IPv6 address
-            name = f"[{name}]"
-        normal = _host_port(name, port)
-        if normal is None:
-            raise ValueError(f"{name!r}: not a host name or host:port")
-        hosts.add(normal)
-    return hosts
-
-
-def _foreign(request: web.Request, allowed_hosts: Collection[str]) -> str | None:
-    """Why the request must be refused (foreign Host or Origin), or None."""
-    allowed = {n for h in allowed_hosts if (n := _host_port(h, None)) is not None}
-    default_port = 443 if request.secure else 80
-    if _host_port(request.headers.get(hdrs.HOST, ""), default_port) not in allowed:
-        return "forbidden Host header"
-    origin = request.headers.get(hdrs.ORIGIN)
-    if origin is not None and _origin_host_port(origin) not in allowed:
-        return "forbidden Origin header"
-    return None
-
-
-def host_origin_guard(allowed_hosts: Collection[str]) -> Middleware:
-    """Middleware that answers 403 to a foreign Host or Origin header.
-
-    ``allowed_hosts`` holds ``host:port`` strings and is read on every request, not
-    copied, so a server that binds port 0 can fill it in once it knows its port.
-    A request without an Origin header (curl, the TUI) is judged by its Host alone.
-    """
-
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        reason = _foreign(request, allowed_hosts)
-        if reason is not None:
-            return web.json_response({"error": reason}, status=403)
-        return await handler(request)
-
-    return guard
-
-
 # -- the routes -----------------------------------------------------------------------
 
 
@@ -406,7 +210,7 @@ def _error(text: str, status: int) -> web.Response:
     return web.json_response({"error": text}, status=status)
 
 
-def _client_message(msg: aiohttp.WSMessage) -> dict[str, Any]:
+def _clientmessage(msg: aiohttp.WSMessage) -> dict[str, Any]:
     """A client's JSON object message; empty for anything else."""
     if msg.type is not WSMsgType.TEXT:
         return {}
@@ -522,7 +326,7 @@ class _Dashboard:
 
     async def _authenticate(self, ws: web.WebSocketResponse) -> bool:
         try:
-            first = _client_message(await ws.receive(timeout=self.auth_timeout))
+            first = _clientmessage(await ws.receive(timeout=self.auth_timeout))
         except TimeoutError:
             first = {}
         token = first.get("token") if first.get("type") == "auth" else None
@@ -537,7 +341,7 @@ class _Dashboard:
     async def _serve(self, ws: web.WebSocketResponse) -> None:
         sub = self.hub.subscribe()
         try:
-            await ws.send_str(_message("hello", self.node.status()))
+            await ws.send_str(message("hello", self.node.status()))
             async with asyncio.TaskGroup() as tg:
                 pump = tg.create_task(self._pump(ws, sub))
                 await self._receive(ws)
@@ -565,7 +369,7 @@ class _Dashboard:
                                    message=b"too slow: reconnect")
                     return
             if event is None:
-                await ws.send_str(_message(STATUS_UPDATE, self.node.status()))
+                await ws.send_str(message(STATUS_UPDATE, self.node.status()))
                 last_status = loop.time()
                 continue
             await ws.send_str(event.text)
@@ -578,7 +382,7 @@ class _Dashboard:
         async for msg in ws:
             if msg.type is WSMsgType.ERROR:
                 return
-            action = actions.get(str(_client_message(msg).get("type")))
+            action = actions.get(str(_clientmessage(msg).get("type")))
             if action is None:
                 await ws.send_json({"type": "error", "error": "unknown message"})
                 continue
@@ -587,7 +391,7 @@ class _Dashboard:
             except ValueError as exc:
                 await ws.send_json({"type": "error", "error": str(exc)})
                 continue
-            await ws.send_str(_message(STATUS_UPDATE, self.node.status()))
+            await ws.send_str(message(STATUS_UPDATE, self.node.status()))
 
     async def close_sockets(self, app: web.Application) -> None:
         """on_shutdown: tell every browser the node is going away (they reconnect)."""

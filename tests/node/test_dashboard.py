@@ -21,12 +21,12 @@ from yarl import URL
 from node.dashboard import (
     PROMETHEUS_CONTENT_TYPE,
     WS_UNAUTHORIZED,
-    EventHub,
     add_dashboard,
-    allowed_hosts_for,
     prometheus_text,
     resources,
 )
+from node.hostguard import allowed_hosts_for
+from node.hub import EventHub
 
 TOKEN = "correct-horse-battery-staple"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
