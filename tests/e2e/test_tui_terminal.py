@@ -48,6 +48,7 @@ PANE_ENV = {"TERM": "xterm-256color", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
 
 ROUND = re.compile(r"\bround (\d+)/1000\b")       # RoundProgress: "round 12/1000"
 STATE = re.compile(r"\bstate (\S+)  role\b")       # NodeHeader, second line
+EPSILON = re.compile(r"DP ε (\d+\.\d\d)/(\d+\.\d\d)")  # NodeStats: "DP ε 1.37/8.00"
 CONNECTED = "● connected"                          # NodeHeader link ("● disconnected…" differs)
 DISCONNECTED = "● disconnected, retrying"
 
@@ -200,6 +201,12 @@ def screen_state(screen: str) -> str | None:
     return m.group(1) if m else None
 
 
+def screen_epsilon(screen: str) -> tuple[float, float] | None:
+    """(epsilon spent, target) as the stats panel shows them, or None if not shown."""
+    m = EPSILON.search(screen)
+    return (float(m.group(1)), float(m.group(2))) if m else None
+
+
 def header(screen: str) -> str:
     """The header's first line: name, node id, ..., link."""
     return screen.splitlines()[0] if screen else ""
@@ -340,3 +347,32 @@ def test_tui_reconnects_to_a_restarted_node(tmp_path, terminal):
         # and the live feed flows again: the screen follows the new process's rounds
         wait_rounds_advance(terminal, again, 2, "after the reconnect")
         assert not terminal.dead()
+
+
+def test_tui_shows_the_privacy_budget_of_a_dp_node(tmp_path, terminal):
+    """A node training with Opacus DP-SGD: the TUI shows the epsilon it has spent against
+    its target, follows it as it grows, and shows the node's own figure once it stops."""
+    with Cluster(tmp_path) as cluster:
+        node = cluster.start("private", *TRAINING, "--dp", "--target-epsilon", "8")
+        node_id = node.status()["node_id"]
+        wait_for(lambda: (node.status().get("privacy") or {}).get("epsilon", 0) > 0,
+                 "some epsilon spent", terminal, [node])
+        terminal.run(tui_command(node))
+        wait_for(lambda: showing(terminal, "private", node_id), "the node on the screen",
+                 terminal, [node])
+        first = wait_for(lambda: screen_epsilon(terminal.screen()),
+                         "epsilon on the screen", terminal, [node])
+        assert first[1] == 8.0 and 0 < first[0] < 8, first
+        assert first[0] <= node.status()["privacy"]["epsilon"] + 0.005
+        # it follows the node as training spends more
+        wait_for(lambda: (e := screen_epsilon(terminal.screen())) is not None
+                 and e[0] > first[0], "epsilon growing on the screen", terminal, [node])
+        # stopped, the figure holds still: the screen shows exactly the node's own
+        terminal.press("x")
+        wait_for(lambda: node.status()["state"] == "stopped", "state stopped (API)",
+                 terminal, [node])
+        spent = node.status()["privacy"]["epsilon"]
+        wait_for(lambda: screen_epsilon(terminal.screen()) == (round(spent, 2), 8.0),
+                 f"epsilon {spent:.2f}/8.00 on the screen", terminal, [node])
+        terminal.press("q")
+        wait_for(terminal.dead, "the TUI to exit", terminal, [node])
