@@ -557,15 +557,26 @@ function watchPixelRatio() {
 
 // -- events -----------------------------------------------------------------------------
 
-function addEvents(entries) {
-  app.events.push(...entries.filter((e) => e && isNum(e.ts)));
-  app.events = app.events.slice(-MAX_EVENTS);
-  const items = app.events.slice().reverse().map((e) => el("li", {},
+function eventItem(e) {
+  return el("li", {},
     el("time", { textContent: clock(e.ts), dateTime: new Date(e.ts * 1000).toISOString() }),
     el("span", { className: "kind", textContent: dash(e.kind) }),
-    el("span", { className: "detail", textContent: dash(e.detail) })));
-  if (!items.length) items.push(el("li", { className: "muted", textContent: "no events yet" }));
-  $("events").replaceChildren(...items);
+    el("span", { className: "detail", textContent: dash(e.detail) }));
+}
+
+// The list shows the newest MAX_EVENTS events, newest first. A live event adds one item
+// at the top and drops the oldest: no redraw of the whole list per event.
+function addEvents(entries) {
+  const fresh = entries.filter((e) => e && isNum(e.ts));
+  const list = $("events");
+  if (!app.events.length) list.replaceChildren();  // the placeholder, or a stale list
+  app.events.push(...fresh);
+  app.events = app.events.slice(-MAX_EVENTS);
+  list.prepend(...fresh.slice(-MAX_EVENTS).reverse().map(eventItem));
+  while (list.children.length > app.events.length) list.lastElementChild.remove();
+  if (!app.events.length) {
+    list.replaceChildren(el("li", { className: "muted", textContent: "no events yet" }));
+  }
 }
 
 // -- configuration ----------------------------------------------------------------------

@@ -168,6 +168,9 @@ def test_start_and_stop_buttons(web_node: NodeProc, page) -> None:  # noqa: ANN0
     page.wait_for_function("() => document.getElementById('conn').dataset.state === 'live'")
     wait(web_node, lambda: web_node.status()["round"] >= 2, "the node to train")
 
+    # The newest event on the page now: new events are added above it, not redrawn.
+    page.wait_for_function("() => document.querySelector('#events li .kind') !== null")
+    page.evaluate("window.__oldTop = document.querySelector('#events li')")
     page.click("#stop")
     wait(web_node, lambda: web_node.status()["state"] == "stopped", "state stopped")
     stopped_at = web_node.status()["round"]
@@ -179,6 +182,16 @@ def test_start_and_stop_buttons(web_node: NodeProc, page) -> None:  # noqa: ANN0
     page.wait_for_function("() => document.getElementById('state').dataset.state === 'stopped'")
     assert page.text_content("#state").strip() == "stopped"
     assert page.text_content("#control-error").strip() == ""
+    # The event log: the node's own newest events, newest first, the stop on top, at most
+    # 100; the items already shown stayed (no redraw of the whole list per event).
+    page.wait_for_function(
+        "() => document.querySelector('#events li .kind').textContent === 'training_stopped'")
+    shown = page.evaluate("[...document.querySelectorAll('#events li')].map("
+                          "li => [li.querySelector('.kind').textContent,"
+                          " li.querySelector('.detail').textContent])")
+    logged = get_json(web_node.web_port, "/api/events?limit=100")["events"]
+    assert shown == [[e["kind"], e["detail"] or "—"] for e in reversed(logged)], shown[:3]
+    assert page.evaluate("window.__oldTop.isConnected"), "the event list was redrawn whole"
 
     page.click("#start")
     wait(web_node, lambda: web_node.status()["state"] != "stopped", "state not stopped")
