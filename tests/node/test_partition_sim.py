@@ -10,20 +10,30 @@ from node.sim import Simulation
 CROSS = [(0, 2), (0, 3), (1, 2), (1, 3)]
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_both_sides_train_through_a_partition_and_reconverge(seed):
+def three_rounds_in(seed: int, **options: int) -> Simulation:
+    """4 nodes, each past round 3, on one network."""
     sim = Simulation(4, rounds=40, seed=seed, announce_interval=1e6, heartbeat_interval=1.0,
-                     wait_peers=1)
+                     **options)
     sim.start()
     sim.run(10_000, stop=lambda: sim.all_done(3))
+    return sim
+
+
+def split(sim: Simulation, *, heal: bool = False) -> None:
+    """Cut every link between {0, 1} and {2, 3} (or, with ``heal``, mend them)."""
     for a, b in CROSS:
-        sim.disconnect(a, b)
+        (sim.connect if heal else sim.disconnect)(a, b)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_both_sides_train_through_a_partition_and_reconverge(seed):
+    sim = three_rounds_in(seed, wait_peers=1)
+    split(sim)
     split_at = [n.core.machine.completed for n in sim.nodes]
     sim.run(sim.now + 60)
     during = [n.core.machine.completed for n in sim.nodes]
     assert all(d >= s + 3 for s, d in zip(split_at, during)), (split_at, during)  # both sides
-    for a, b in CROSS:
-        sim.connect(a, b)
+    split(sim, heal=True)
     healed = max(n.core.machine.completed for n in sim.nodes)
     sim.run(sim.now + 10_000, stop=lambda: all(n.core.machine.completed >= healed + 2
                                                for n in sim.nodes))
@@ -38,12 +48,8 @@ def test_both_sides_train_through_a_partition_and_reconverge(seed):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_with_a_majority_quorum_both_sides_go_offline_and_the_heal_merges_them(seed):
-    sim = Simulation(4, rounds=40, seed=seed, announce_interval=1e6, heartbeat_interval=1.0,
-                     quorum=3)
-    sim.start()
-    sim.run(10_000, stop=lambda: sim.all_done(3))
-    for a, b in CROSS:
-        sim.disconnect(a, b)
+    sim = three_rounds_in(seed, quorum=3)
+    split(sim)
     split_at = [n.core.machine.completed for n in sim.nodes]
     steps = [n.offline_steps for n in sim.nodes]
     sim.run(sim.now + 60)
@@ -51,8 +57,7 @@ def test_with_a_majority_quorum_both_sides_go_offline_and_the_heal_merges_them(s
     assert all(n.core.machine.offline for n in sim.nodes)
     assert [n.core.machine.completed for n in sim.nodes] == split_at
     assert all(n.offline_steps >= s + 3 for n, s in zip(sim.nodes, steps))
-    for a, b in CROSS:
-        sim.connect(a, b)
+    split(sim, heal=True)
     healed = max(split_at)
     sim.run(sim.now + 10_000, stop=lambda: sim.all_done(healed + 2))
     assert sim.all_done(healed + 2)
