@@ -188,3 +188,30 @@ def test_a_cancelled_link_task_ends_cancelled_and_reports_the_peer_down():
         assert node.events == [("up", id(a)), ("down", id(a))]
 
     asyncio.run(main())
+
+
+class BrokenSocket(FakeSocket):
+    """The connection breaks under the first send (a reset the reader has not seen yet)."""
+
+    async def send_bytes(self, data: bytes) -> None:
+        raise ConnectionResetError("Cannot write to closing transport")
+
+
+def test_a_link_whose_send_fails_ends_and_reports_the_peer_down():
+    """A send that fails ends the link, instead of leaving it up with no writer (and the
+    peer counted as connected while nothing we queue for it leaves)."""
+    async def main() -> None:
+        node = Recorder()
+        transport = PeerTransport(None, on_frame=None,  # type: ignore[arg-type]
+                                  on_link_up=node.link_up, on_link_down=node.link_down)
+        a = _link(BrokenSocket())
+        run_a = asyncio.create_task(
+            transport._run_link(a, SimpleNamespace(name="peer"), "paired"))  # noqa: SLF001
+        await asyncio.sleep(0.05)
+        assert node.up == {KEY}
+        assert transport.send(KEY, b"an update")
+        done, _ = await asyncio.wait({run_a}, timeout=5)
+        assert done == {run_a}, "the link stayed up after its send failed"
+        assert transport.links == {} and node.up == set()
+
+    asyncio.run(main())
