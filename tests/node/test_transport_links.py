@@ -215,3 +215,43 @@ def test_a_link_whose_send_fails_ends_and_reports_the_peer_down():
         assert transport.links == {} and node.up == set()
 
     asyncio.run(main())
+
+
+def test_a_dialer_survives_an_unexpected_error_and_retries(monkeypatch, caplog):
+    """A bug under a dial (anything but the expected network and protocol errors) is
+    logged with its traceback and the dialer retries after a pause; before, the dialer
+    task died and the node never dialed that address again."""
+    real_sleep = asyncio.sleep
+    pauses: list[float] = []
+
+    async def quick_sleep(delay: float) -> None:
+        pauses.append(delay)
+        await real_sleep(0)
+
+    async def main() -> None:
+        transport = PeerTransport(None, on_frame=None,  # type: ignore[arg-type]
+                                  on_link_up=None, on_link_down=None)  # type: ignore[arg-type]
+        attempts: list[str] = []
+        again = asyncio.Event()
+
+        async def dial_once(address: str, expected: object = None) -> bool:
+            attempts.append(address)
+            if len(attempts) == 1:
+                raise RuntimeError("a bug")
+            again.set()
+            await asyncio.Event().wait()  # the second link stays up
+            return True
+
+        transport._dial_once = dial_once  # type: ignore[method-assign]  # noqa: SLF001
+        monkeypatch.setattr(asyncio, "sleep", quick_sleep)
+        task = asyncio.create_task(transport.dial("10.0.0.7:7700"))
+        try:
+            await asyncio.wait_for(again.wait(), timeout=5)
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
+        assert attempts == ["10.0.0.7:7700"] * 2
+        assert pauses and pauses[0] >= 5.0  # a bug is not retried in a tight loop
+
+    asyncio.run(main())
+    assert "link to 10.0.0.7:7700 failed" in caplog.text and "RuntimeError: a bug" in caplog.text
