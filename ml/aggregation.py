@@ -178,7 +178,9 @@ class Round:
 
 
 def check_number(who: str, name: str, value: object, *, low: float, high: float = math.inf,
-            low_open: bool = False, high_open: bool = True) -> float:
+                 low_open: bool = False, high_open: bool = True) -> float:
+    """``value`` as a finite float within the bounds, else ``ValueError`` naming ``who``'s
+    parameter ``name`` and the range (a strategy's constructor checks its parameters)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{who}: {name} must be a number, got {value!r}")
     x = float(value)
@@ -191,6 +193,7 @@ def check_number(who: str, name: str, value: object, *, low: float, high: float 
 
 
 def check_count(who: str, name: str, value: object, *, low: int) -> int:
+    """``value`` if it is an integer of at least ``low`` (not a bool), else ``ValueError``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{who}: {name} must be an integer >= {low}, got {value!r}")
     return value

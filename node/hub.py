@@ -87,6 +87,8 @@ class Subscription:
 
 
 def message(type_: str, data: Any, ts: float | None = None) -> str:
+    """A WebSocket message as the page expects it: ``{"type", "data", "ts"}`` (now by
+    default) in JSON."""
     return json.dumps({"type": type_, "data": data, "ts": time.time() if ts is None else ts})
 
 
