@@ -182,15 +182,18 @@ def test_start_and_stop_buttons(web_node: NodeProc, page) -> None:  # noqa: ANN0
     page.wait_for_function("() => document.getElementById('state').dataset.state === 'stopped'")
     assert page.text_content("#state").strip() == "stopped"
     assert page.text_content("#control-error").strip() == ""
-    # The event log: the node's own newest events, newest first, the stop on top, at most
-    # 100; the items already shown stayed (no redraw of the whole list per event).
-    page.wait_for_function(
-        "() => document.querySelector('#events li .kind').textContent === 'training_stopped'")
-    shown = page.evaluate("[...document.querySelectorAll('#events li')].map("
-                          "li => [li.querySelector('.kind').textContent,"
-                          " li.querySelector('.detail').textContent])")
-    logged = get_json(web_node.web_port, "/api/events?limit=100")["events"]
-    assert shown == [[e["kind"], e["detail"] or "—"] for e in reversed(logged)], shown[:3]
+    # The event log: the node's own newest events (at most 100), newest first, the stop
+    # among them; the items already shown stayed (no redraw of the whole list per event).
+    def log_as_logged() -> list[list[str]] | None:
+        shown = page.evaluate("[...document.querySelectorAll('#events li')].map("
+                              "li => [li.querySelector('.kind').textContent,"
+                              " li.querySelector('.detail').textContent])")
+        logged = get_json(web_node.web_port, "/api/events?limit=100")["events"]
+        return shown if shown == [[e["kind"], e["detail"] or "—"]
+                                  for e in reversed(logged)] else None
+
+    shown = poll_until(log_as_logged, 30, "the page's event log to be the node's")
+    assert "training_stopped" in [kind for kind, _ in shown[:10]], shown[:10]
     assert page.evaluate("window.__oldTop.isConnected"), "the event list was redrawn whole"
 
     page.click("#start")
