@@ -31,6 +31,7 @@ from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 
 from .hostguard import host_origin_guard
 from .hub import STATUS_UPDATE, EventHub, HubEvent, SubscriberLagging, Subscription, message
+from .wsclose import close_ws
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def _error(text: str, status: int) -> web.Response:
     return web.json_response({"error": text}, status=status)
 
 
-def _clientmessage(msg: aiohttp.WSMessage) -> dict[str, Any]:
+def _client_message(msg: aiohttp.WSMessage) -> dict[str, Any]:
     """A client's JSON object message; empty for anything else."""
     if msg.type is not WSMsgType.TEXT:
         return {}
@@ -221,15 +222,20 @@ def _clientmessage(msg: aiohttp.WSMessage) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
+class _Stalled(Exception):
+    """A send to a browser waited ``send_timeout`` seconds: it is not reading."""
+
+
 class _Dashboard:
     """The handlers, bound to one node and hub."""
 
     def __init__(self, node: Controllable, hub: EventHub, *, auth_timeout: float,
-                 status_interval: float) -> None:
+                 status_interval: float, send_timeout: float) -> None:
         self.node = node
         self.hub = hub
         self.auth_timeout = auth_timeout
         self.status_interval = status_interval
+        self.send_timeout = send_timeout
         self.index_html = (_STATIC_DIR / "index.html").read_bytes()
         self.static = {name: (_STATIC_DIR / name).read_bytes() for name in _STATIC_TYPES}
         self.sockets: set[web.WebSocketResponse] = set()
@@ -320,13 +326,26 @@ class _Dashboard:
                 await self._serve(ws)
         except* ConnectionResetError:
             pass  # the browser went away while we were sending: nothing left to do
+        except* _Stalled:
+            # A frozen tab or a dead network: drop the socket so that the node never
+            # waits on it (its queue in the hub is gone with it).
+            log.info("dashboard socket took nothing for %.0f s: dropped", self.send_timeout)
+            await close_ws(ws, grace=0)
         finally:
             self.sockets.discard(ws)
         return ws
 
+    async def _send(self, ws: web.WebSocketResponse, text: str) -> None:
+        """Send ``text``; ``_Stalled`` if the browser took nothing for ``send_timeout``."""
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await ws.send_str(text)
+        except TimeoutError:
+            raise _Stalled from None
+
     async def _authenticate(self, ws: web.WebSocketResponse) -> bool:
         try:
-            first = _clientmessage(await ws.receive(timeout=self.auth_timeout))
+            first = _client_message(await ws.receive(timeout=self.auth_timeout))
         except TimeoutError:
             first = {}
         token = first.get("token") if first.get("type") == "auth" else None
@@ -334,14 +353,14 @@ class _Dashboard:
                                                           self.node.api_token.encode()):
             return True
         if not ws.closed:
-            await ws.send_json({"type": "error", "error": "unauthorized"})
-            await ws.close(code=WS_UNAUTHORIZED, message=b"unauthorized")
+            await self._send(ws, json.dumps({"type": "error", "error": "unauthorized"}))
+            await close_ws(ws, code=WS_UNAUTHORIZED, message=b"unauthorized")
         return False
 
     async def _serve(self, ws: web.WebSocketResponse) -> None:
         sub = self.hub.subscribe()
         try:
-            await ws.send_str(message("hello", self.node.status()))
+            await self._send(ws, message("hello", self.node.status()))
             async with asyncio.TaskGroup() as tg:
                 pump = tg.create_task(self._pump(ws, sub))
                 await self._receive(ws)
@@ -365,14 +384,14 @@ class _Dashboard:
                 except SubscriberLagging:
                     log.info("dashboard socket fell %d events behind; closed so it resyncs",
                              sub.maxsize)
-                    await ws.close(code=WSCloseCode.TRY_AGAIN_LATER,
+                    await close_ws(ws, code=WSCloseCode.TRY_AGAIN_LATER,
                                    message=b"too slow: reconnect")
                     return
             if event is None:
-                await ws.send_str(message(STATUS_UPDATE, self.node.status()))
+                await self._send(ws, message(STATUS_UPDATE, self.node.status()))
                 last_status = loop.time()
                 continue
-            await ws.send_str(event.text)
+            await self._send(ws, event.text)
             if event.type == STATUS_UPDATE:
                 last_status = loop.time()
 
@@ -382,34 +401,39 @@ class _Dashboard:
         async for msg in ws:
             if msg.type is WSMsgType.ERROR:
                 return
-            action = actions.get(str(_clientmessage(msg).get("type")))
+            action = actions.get(str(_client_message(msg).get("type")))
             if action is None:
-                await ws.send_json({"type": "error", "error": "unknown message"})
+                await self._send(ws, json.dumps({"type": "error", "error": "unknown message"}))
                 continue
             try:
                 await action()
             except ValueError as exc:
-                await ws.send_json({"type": "error", "error": str(exc)})
+                await self._send(ws, json.dumps({"type": "error", "error": str(exc)}))
                 continue
-            await ws.send_str(message(STATUS_UPDATE, self.node.status()))
+            await self._send(ws, message(STATUS_UPDATE, self.node.status()))
 
     async def close_sockets(self, app: web.Application) -> None:
-        """on_shutdown: tell every browser the node is going away (they reconnect)."""
-        for ws in list(self.sockets):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"node shutting down")
+        """on_shutdown: tell every browser the node is going away (they reconnect), all at
+        once and each within the close grace: a browser that reads nothing cannot hold up
+        the node's shutdown."""
+        await asyncio.gather(*(close_ws(ws, code=WSCloseCode.GOING_AWAY,
+                                        message=b"node shutting down")
+                               for ws in list(self.sockets)))
 
 
 def add_dashboard(app: web.Application, node: Controllable, hub: EventHub, *,
                   allowed_hosts: Collection[str], auth_timeout: float = 5.0,
-                  status_interval: float = 1.0) -> None:
+                  status_interval: float = 1.0, send_timeout: float = 30.0) -> None:
     """Mount the dashboard, control API, WebSocket and /metrics on ``app``.
 
     Also installs ``host_origin_guard(allowed_hosts)`` as the app's first middleware, so
     every route of the app (not only these) refuses foreign Host and Origin headers.
     ``auth_timeout`` is how long a WebSocket has to authenticate; ``status_interval`` the
-    longest gap between two status updates on a socket.
+    longest gap between two status updates on a socket; ``send_timeout`` how long a send
+    may wait on a browser that reads nothing before its socket is dropped.
     """
-    dash = _Dashboard(node, hub, auth_timeout=auth_timeout, status_interval=status_interval)
+    dash = _Dashboard(node, hub, auth_timeout=auth_timeout, status_interval=status_interval,
+                      send_timeout=send_timeout)
     app.middlewares.insert(0, host_origin_guard(allowed_hosts))
     app.router.add_get("/", dash.index)
     app.router.add_get("/static/{name}", dash.static_file)

@@ -134,13 +134,14 @@ class Dash:
 
 
 @contextlib.asynccontextmanager
-async def serve(hub: EventHub | None = None) -> AsyncIterator[Dash]:
+async def serve(hub: EventHub | None = None, send_timeout: float = 30.0
+                ) -> AsyncIterator[Dash]:
     """A fake node's dashboard on 127.0.0.1; the allowed hosts are filled in after bind."""
     node, hub = FakeNode(), hub if hub is not None else EventHub()
     hosts: set[str] = set()
     app = web.Application()
     add_dashboard(app, node, hub, allowed_hosts=hosts, auth_timeout=AUTH_TIMEOUT,
-                  status_interval=STATUS_INTERVAL)
+                  status_interval=STATUS_INTERVAL, send_timeout=send_timeout)
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
         hosts |= allowed_hosts_for("127.0.0.1", client.port or 0)
         yield Dash(client, node, hub)
@@ -389,6 +390,50 @@ async def test_ws_is_told_the_node_is_going_away_on_shutdown(no_leaked_tasks: No
         await d.client.server.close()
         _, code = await closed_with(ws)
         assert code == aiohttp.WSCloseCode.GOING_AWAY
+
+
+async def frozen_browser(d: Dash) -> aiohttp.ClientWebSocketResponse:
+    """An authenticated socket whose browser then reads nothing more (a frozen tab), with
+    the node's sends to it blocked: every buffer on the way is full."""
+    ws, _ = await authed(d)
+    ws._writer.transport.pause_reading()  # noqa: SLF001 (the browser stops reading)
+    big = "x" * (1 << 20)
+    for i in range(48):  # 48 MB, far more than the socket buffers hold; fewer than the queue
+        d.hub.publish("event", {"kind": "note", "detail": f"{i} {big}"})
+        await asyncio.sleep(0.01)
+    return ws
+
+
+async def test_a_browser_that_reads_nothing_cannot_hold_up_the_shutdown(
+        no_leaked_tasks: None) -> None:
+    """Shutdown tells every browser the node is going away; one that reads nothing gets the
+    close grace, then its connection is dropped. Before, shutdown waited on it for as long
+    as TCP kept the connection (for ever, with a frozen tab on a live host)."""
+    async with serve() as d:
+        frozen = await frozen_browser(d)
+        live, _ = await authed(d)
+        assert d.hub.subscriber_count == 2
+        await asyncio.wait_for(d.client.server.close(), timeout=10)
+        _, code = await closed_with(live)
+        assert code == aiohttp.WSCloseCode.GOING_AWAY
+        frozen._writer.transport.abort()  # noqa: SLF001
+
+
+async def test_a_browser_that_reads_nothing_is_dropped_after_the_send_timeout(
+        no_leaked_tasks: None) -> None:
+    """A socket whose sends wait ``send_timeout`` is dropped, and its queue in the hub goes
+    with it; the other browsers carry on."""
+    async with serve(send_timeout=0.5) as d:
+        frozen = await frozen_browser(d)
+        live, _ = await authed(d)
+        deadline = asyncio.get_running_loop().time() + 10
+        while d.hub.subscriber_count > 1:
+            assert asyncio.get_running_loop().time() < deadline, "the frozen socket stayed"
+            await asyncio.sleep(0.05)
+        d.hub.publish("event", {"kind": "note", "detail": "still here"})
+        while (await next_message(live))["data"].get("detail") != "still here":
+            pass
+        frozen._writer.transport.abort()  # noqa: SLF001
 
 
 # -- security matrix --------------------------------------------------------------------

@@ -17,7 +17,7 @@ class SilentSocket:
     def __init__(self) -> None:
         self.close_started = False
 
-    async def close(self) -> bool:
+    async def close(self, **how: object) -> bool:
         self.close_started = True
         await asyncio.Event().wait()  # forever
         return True
@@ -30,7 +30,7 @@ class PoliteSocket:
     def __init__(self) -> None:
         self.closed = False
 
-    async def close(self) -> bool:
+    async def close(self, **how: object) -> bool:
         self.closed = True
         return True
 

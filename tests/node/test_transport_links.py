@@ -33,7 +33,7 @@ class FakeSocket:
         await self._gone.wait()
         return WSMessage(WSMsgType.CLOSED, None, None)
 
-    async def close(self) -> bool:
+    async def close(self, **how: object) -> bool:
         await asyncio.sleep(self.close_takes)  # the peer takes its time to answer
         self._gone.set()
         return True
