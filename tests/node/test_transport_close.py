@@ -4,6 +4,8 @@ link found dead, finish within the close grace, over real sockets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -55,33 +57,55 @@ def test_close_gives_each_silent_peer_the_grace_at_once_and_closes_the_rest():
     asyncio.run(main())
 
 
+class FrozenPeer:
+    """A WebSocket server on 127.0.0.1 whose peer, once a client connects, reads nothing
+    more (a stopped process, a cut cable): ``frozen`` is set then. After ``then(ws)``, if
+    given, it sends nothing more either. Leaving the context drops it."""
+
+    def __init__(self, then: Callable[[web.WebSocketResponse], Awaitable[None]] | None
+                 ) -> None:
+        self.then = then
+        self.frozen, self.release = asyncio.Event(), asyncio.Event()
+        self.port = 0
+
+    async def handler(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=False)
+        await ws.prepare(request)
+        request.transport.pause_reading()  # the peer reads nothing more
+        self.frozen.set()
+        if self.then is not None:
+            await self.then(ws)
+        await self.release.wait()
+        request.transport.abort()  # the test is over: the frozen side goes too
+        return ws
+
+
+@contextlib.asynccontextmanager
+async def frozen_peer(then: Callable[[web.WebSocketResponse], Awaitable[None]] | None = None
+                      ) -> AsyncIterator[FrozenPeer]:
+    peer = FrozenPeer(then)
+    app = web.Application()
+    app.router.add_get("/", peer.handler)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    peer.port = runner.addresses[0][1]
+    try:
+        yield peer
+    finally:
+        peer.release.set()
+        await runner.cleanup()
+
+
 def test_a_websocket_to_a_peer_that_stopped_reading_is_dropped_within_the_grace():
     """A frozen peer (it stops reading: a stopped process, a cut cable) with our send
     buffers full: a plain close() blocks on flushing them for as long as TCP retries
     (many minutes). close_ws drops the connection after its grace instead."""
     async def main() -> None:
-        frozen, release = asyncio.Event(), asyncio.Event()
-
-        async def handler(request: web.Request) -> web.WebSocketResponse:
-            ws = web.WebSocketResponse()
-            await ws.prepare(request)
-            request.transport.pause_reading()  # the peer freezes: it reads nothing more
-            frozen.set()
-            await release.wait()
-            request.transport.abort()  # the test is over: the frozen side goes too
-            return ws
-
-        app = web.Application()
-        app.router.add_get("/", handler)
-        runner = web.AppRunner(app, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        try:
+        async with frozen_peer() as peer:
             async with aiohttp.ClientSession() as session:
-                ws = await session.ws_connect(f"http://127.0.0.1:{port}/")
-                await frozen.wait()
+                ws = await session.ws_connect(f"http://127.0.0.1:{peer.port}/")
+                await peer.frozen.wait()
                 chunk = bytes(1 << 20)
                 # Fill the socket buffers both ways until a send blocks.
                 for _ in range(512):
@@ -94,9 +118,6 @@ def test_a_websocket_to_a_peer_that_stopped_reading_is_dropped_within_the_grace(
                 await asyncio.wait_for(close_ws(ws, grace=0.3), timeout=10)
                 # the connection is gone: the client side sees it closed
                 await asyncio.wait_for(_closed(ws), timeout=10)
-        finally:
-            release.set()
-            await runner.cleanup()
 
     asyncio.run(main())
 
@@ -114,32 +135,17 @@ def test_a_link_whose_peer_froze_after_a_ping_is_closed_within_the_idle_timeout(
     ping blocks, with our send buffers full, for as long as TCP retries, and the link of a
     peer that froze (or was cut off) right after its ping stayed up for minutes."""
     async def main() -> None:
-        frozen, release, pinged = asyncio.Event(), asyncio.Event(), asyncio.Event()
-        go_ping = asyncio.Event()
+        go_ping, pinged = asyncio.Event(), asyncio.Event()
 
-        async def handler(request: web.Request) -> web.WebSocketResponse:
-            ws = web.WebSocketResponse(autoping=False)
-            await ws.prepare(request)
-            request.transport.pause_reading()  # the peer reads nothing more
-            frozen.set()
+        async def last_words(ws: web.WebSocketResponse) -> None:
             await go_ping.wait()
             await ws.ping(b"last words")  # its last frame before it goes silent
             pinged.set()
-            await release.wait()
-            request.transport.abort()
-            return ws
 
-        app = web.Application()
-        app.router.add_get("/", handler)
-        runner = web.AppRunner(app, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        try:
+        async with frozen_peer(then=last_words) as peer:
             async with aiohttp.ClientSession() as session:
-                ws = await session.ws_connect(f"http://127.0.0.1:{port}/", autoping=True)
-                await frozen.wait()
+                ws = await session.ws_connect(f"http://127.0.0.1:{peer.port}/", autoping=True)
+                await peer.frozen.wait()
                 # Our writer sends until it blocks on the full buffers, as a node's does.
                 sent = 0
 
@@ -168,15 +174,12 @@ def test_a_link_whose_peer_froze_after_a_ping_is_closed_within_the_idle_timeout(
                                           on_link_up=None, on_link_down=None)
                 transport.idle_timeout = 0.5
                 key = b"\x01" * 32
-                link = Link(key=key, dialer=key, address=f"127.0.0.1:{port}", ws=ws)
+                link = Link(key=key, dialer=key, address=f"127.0.0.1:{peer.port}", ws=ws)
                 # Without the bound on all of receive() this waits on TCP for minutes.
                 try:
                     await asyncio.wait_for(transport._reader(link), timeout=10)  # noqa: SLF001
                 finally:
                     await close_ws(ws, grace=0.3)
                     filler.cancel()
-        finally:
-            release.set()
-            await runner.cleanup()
 
     asyncio.run(main())
