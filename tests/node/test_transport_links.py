@@ -53,11 +53,19 @@ class FakeSocket:
 
 
 class Recorder:
-    """Plays the node: the set of peers it counts as connected."""
+    """Plays the node behind a ``PeerTransport``: the set of peers it counts as connected,
+    and what it heard, in order."""
 
     def __init__(self) -> None:
         self.up: set[bytes] = set()
         self.events: list[tuple[str, int]] = []
+        self.transport = PeerTransport(None, on_frame=None,  # type: ignore[arg-type]
+                                       on_link_up=self.link_up, on_link_down=self.link_down)
+
+    def run(self, link: Link) -> asyncio.Task[None]:
+        """Run ``link`` (its handshake done) as the transport does, in a task."""
+        return asyncio.create_task(
+            self.transport._run_link(link, SimpleNamespace(name="peer"), "paired"))  # noqa: SLF001
 
     def link_up(self, link: Link, hello: object, trust: str) -> None:
         self.up.add(link.key)
@@ -78,17 +86,15 @@ def test_a_link_superseded_while_it_came_up_does_not_mark_the_peer_up():
     (and elect it, and wait on it) for good."""
     async def main() -> None:
         node = Recorder()
-        transport = PeerTransport(None, on_frame=None,  # type: ignore[arg-type]
-                                  on_link_up=node.link_up, on_link_down=node.link_down)
-        hello = SimpleNamespace(name="peer")
+        transport = node.transport
         a = _link(FakeSocket(close_takes=0.3))
         b, c = _link(FakeSocket()), _link(FakeSocket())
-        run_a = asyncio.create_task(transport._run_link(a, hello, "paired"))  # noqa: SLF001
+        run_a = node.run(a)
         await asyncio.sleep(0.05)
         assert transport.links[KEY] is a and node.up == {KEY}
-        run_b = asyncio.create_task(transport._run_link(b, hello, "paired"))  # noqa: SLF001
+        run_b = node.run(b)
         await asyncio.sleep(0.05)  # B is waiting for A's close
-        run_c = asyncio.create_task(transport._run_link(c, hello, "paired"))  # noqa: SLF001
+        run_c = node.run(c)
         await asyncio.sleep(0.05)
         assert transport.links[KEY] is c
         c.ws.drop()  # type: ignore[attr-defined]
@@ -105,13 +111,11 @@ def test_a_replaced_link_hands_over_without_the_peer_going_down():
     when the link that replaced it ends."""
     async def main() -> None:
         node = Recorder()
-        transport = PeerTransport(None, on_frame=None,  # type: ignore[arg-type]
-                                  on_link_up=node.link_up, on_link_down=node.link_down)
-        hello = SimpleNamespace(name="peer")
+        transport = node.transport
         a, b = _link(FakeSocket(close_takes=0.1)), _link(FakeSocket())
-        run_a = asyncio.create_task(transport._run_link(a, hello, "paired"))  # noqa: SLF001
+        run_a = node.run(a)
         await asyncio.sleep(0.05)
-        run_b = asyncio.create_task(transport._run_link(b, hello, "paired"))  # noqa: SLF001
+        run_b = node.run(b)
         await asyncio.sleep(0.3)
         assert transport.links[KEY] is b and node.up == {KEY}
         assert node.events == [("up", id(a)), ("up", id(b))]
@@ -132,16 +136,12 @@ def test_a_link_whose_node_callback_fails_still_reports_its_end():
             node.link_up(link, hello, trust)
             raise RuntimeError("bug in the node")
 
-        transport = PeerTransport(None, on_frame=None,  # type: ignore[arg-type]
-                                  on_link_up=failing_up, on_link_down=node.link_down)
-        a = _link(FakeSocket())
+        node.transport.on_link_up = failing_up
         try:
-            await asyncio.wait_for(
-                transport._run_link(a, SimpleNamespace(name="peer"), "paired"),  # noqa: SLF001
-                timeout=5)
+            await asyncio.wait_for(node.run(_link(FakeSocket())), timeout=5)
         except RuntimeError:
             pass
-        assert transport.links == {} and node.up == set(), node.events
+        assert node.transport.links == {} and node.up == set(), node.events
 
     asyncio.run(main())
 
@@ -151,13 +151,11 @@ def test_a_link_cancelled_while_it_replaces_another_leaves_the_peer_down():
     the old one to close: the peer is then served by no link, and the node hears so."""
     async def main() -> None:
         node = Recorder()
-        transport = PeerTransport(None, on_frame=None,  # type: ignore[arg-type]
-                                  on_link_up=node.link_up, on_link_down=node.link_down)
-        hello = SimpleNamespace(name="peer")
+        transport = node.transport
         a, b = _link(FakeSocket(close_takes=1.0)), _link(FakeSocket())
-        run_a = asyncio.create_task(transport._run_link(a, hello, "paired"))  # noqa: SLF001
+        run_a = node.run(a)
         await asyncio.sleep(0.05)
-        run_b = asyncio.create_task(transport._run_link(b, hello, "paired"))  # noqa: SLF001
+        run_b = node.run(b)
         await asyncio.sleep(0.05)  # B waits for A's close
         run_b.cancel()
         done, _ = await asyncio.wait({run_a, run_b}, timeout=5)
@@ -173,11 +171,9 @@ def test_a_cancelled_link_task_ends_cancelled_and_reports_the_peer_down():
     the cancellation lands while the link is closing, and the peer goes down once."""
     async def main() -> None:
         node = Recorder()
-        transport = PeerTransport(None, on_frame=None,  # type: ignore[arg-type]
-                                  on_link_up=node.link_up, on_link_down=node.link_down)
+        transport = node.transport
         a = _link(FakeSocket(close_takes=1.0))
-        run_a = asyncio.create_task(
-            transport._run_link(a, SimpleNamespace(name="peer"), "paired"))  # noqa: SLF001
+        run_a = node.run(a)
         await asyncio.sleep(0.05)
         run_a.cancel()
         await asyncio.sleep(0.05)  # now in the finally, closing
@@ -202,11 +198,9 @@ def test_a_link_whose_send_fails_ends_and_reports_the_peer_down():
     peer counted as connected while nothing we queue for it leaves)."""
     async def main() -> None:
         node = Recorder()
-        transport = PeerTransport(None, on_frame=None,  # type: ignore[arg-type]
-                                  on_link_up=node.link_up, on_link_down=node.link_down)
+        transport = node.transport
         a = _link(BrokenSocket())
-        run_a = asyncio.create_task(
-            transport._run_link(a, SimpleNamespace(name="peer"), "paired"))  # noqa: SLF001
+        run_a = node.run(a)
         await asyncio.sleep(0.05)
         assert node.up == {KEY}
         assert transport.send(KEY, b"an update")
