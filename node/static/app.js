@@ -24,7 +24,6 @@ const app = {
   retryTimer: 0,
   status: null,
   rounds: new Map(), // round number -> round record
-  events: [], // {ts, kind, detail}, oldest first
   liveEvents: null, // events received while the history loads, else null
   lastNet: null, // {ts, sent, recv} of the previous status, for rates
   topologyKey: "",
@@ -136,8 +135,7 @@ async function loadHistory() {
     // An event can reach us live and again in the history fetched just after.
     const fresh = app.liveEvents.filter((e) => !history.some((h) =>
       h.kind === e.kind && h.detail === e.detail && Math.abs(h.ts - e.ts) < 5));
-    app.events = [];
-    addEvents([...history, ...fresh]);
+    addEvents([...history, ...fresh], { replace: true });
   } catch (err) {
     showError("control-error", `Could not load history: ${err.message}`);
   } finally {
@@ -564,18 +562,17 @@ function eventItem(e) {
     el("span", { className: "detail", textContent: dash(e.detail) }));
 }
 
-// The list shows the newest MAX_EVENTS events, newest first. A live event adds one item
-// at the top and drops the oldest: no redraw of the whole list per event.
-function addEvents(entries) {
-  const fresh = entries.filter((e) => e && isNum(e.ts));
+// The list (the DOM is the only copy) shows the newest MAX_EVENTS events, newest first.
+// A live event adds one item at the top and drops the oldest: no redraw of the whole list
+// per event. ``replace`` starts the list over (the history, after a reconnect).
+function addEvents(entries, { replace = false } = {}) {
+  const fresh = entries.filter((e) => e && isNum(e.ts)).slice(-MAX_EVENTS);
   const list = $("events");
-  if (!app.events.length) list.replaceChildren();  // the placeholder, or a stale list
-  app.events.push(...fresh);
-  app.events = app.events.slice(-MAX_EVENTS);
-  list.prepend(...fresh.slice(-MAX_EVENTS).reverse().map(eventItem));
-  while (list.children.length > app.events.length) list.lastElementChild.remove();
-  if (!app.events.length) {
-    list.replaceChildren(el("li", { className: "muted", textContent: "no events yet" }));
+  if (replace || list.querySelector(".muted")) list.replaceChildren();  // or the placeholder
+  list.prepend(...fresh.reverse().map(eventItem));
+  while (list.children.length > MAX_EVENTS) list.lastElementChild.remove();
+  if (!list.children.length) {
+    list.append(el("li", { className: "muted", textContent: "no events yet" }));
   }
 }
 
