@@ -224,16 +224,16 @@ class Federation:
 
         A node that was behind catches up by taking the newest global model, so it has no
         record of the rounds it skipped: the first round they all recorded is compared."""
-        def common() -> int | None:
-            records = [set(self.metrics(c)) for c in containers]
-            shared = [r for r in set.intersection(*records) if r >= target]
-            return min(shared) if shared else None
+        def common() -> tuple[int, dict[str, Any]] | None:
+            records = {c: self.metrics(c) for c in containers}
+            shared = [r for r in set.intersection(*map(set, records.values())) if r >= target]
+            return (min(shared), {c: m[min(shared)] for c, m in records.items()}
+                    ) if shared else None
 
-        r = self.wait(common, timeout, f"a common round >= {target} on"
-                      f" {', '.join(containers)} ({what})")
-        records = {c: self.metrics(c).get(r) for c in containers}
-        hashes = {rec["model_hash"] if rec else None for rec in records.values()}
-        assert len(hashes) == 1 and None not in hashes, (what, r, records)
+        r, records = self.wait(common, timeout, f"a common round >= {target} on"
+                               f" {', '.join(containers)} ({what})")
+        hashes = {rec["model_hash"] for rec in records.values()}
+        assert len(hashes) == 1, (what, r, records)
         return hashes.pop()
 
 
