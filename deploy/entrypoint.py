@@ -60,7 +60,7 @@ def file_settings(path: str | None) -> dict[str, Any]:
     """The keys set in the TOML file (fl-node reports a bad file itself, so: {} then)."""
     if path is None:
         return {}
-    from node.config import ConfigError, from_toml
+    from node.cli.config import ConfigError, from_toml
 
     try:
         return from_toml(path)
@@ -70,7 +70,7 @@ def file_settings(path: str | None) -> dict[str, Any]:
 
 def parse_flags(args: list[str]) -> dict[str, Any]:
     """The `fl-node start` flags given (argparse exits 2 with the reason if they are bad)."""
-    from node.cli import build_parser
+    from node.cli.main import build_parser
 
     ns = build_parser().parse_args(["start", *args])
     return {k: v for k, v in vars(ns).items() if v is not None and k != "command"}

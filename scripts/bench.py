@@ -21,8 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.demo import get_json, node_command, stop_processes, wait_endpoint  # noqa: E402
-from node.weights import to_tensors  # noqa: E402
+from node.cli.demo import get_json, node_command, stop_processes, wait_endpoint  # noqa: E402
+from node.runtime.weights import to_tensors  # noqa: E402
 from protocol.envelope import decode, encode  # noqa: E402
 from protocol.identity import Identity  # noqa: E402
 from protocol.messages import Update  # noqa: E402

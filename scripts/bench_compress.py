@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.compress import (  # noqa: E402
+from node.runtime.compress import (  # noqa: E402
     ErrorFeedback,
     apply_delta,
     parse_codec,

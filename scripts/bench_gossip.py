@@ -1,6 +1,6 @@
 """How far and how fast one gossip broadcast spreads over a random partial mesh.
 
-Builds an in-memory network of real ``NodeCore``s (node.sim) where every node links to
+Builds an in-memory network of real ``NodeCore``s (node.runtime.sim) where every node links to
 about ``k`` random others, has one node broadcast a signed ``Announce`` (the real gossip
 payload), and records, without touching node/ code, when and with how much ``ttl`` left
 each node first received it, and how many relay frames each node sent for it.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.sim import SimNode, Simulation  # noqa: E402
+from node.runtime.sim import SimNode, Simulation  # noqa: E402
 from protocol.gossip import DEFAULT_TTL, frame_id  # noqa: E402
 from protocol.messages import Announce, Relay  # noqa: E402
 

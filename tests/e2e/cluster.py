@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from node.demo import get_json, stop_processes, wait_endpoint
+from node.cli.demo import get_json, stop_processes, wait_endpoint
 from protocol.identity import Identity
 
 T = TypeVar("T")
@@ -124,7 +124,7 @@ class Cluster:
               env: dict[str, str] | None = None) -> NodeProc:
         sd = self.base / name
         ident = fixed_identity(sd, name)
-        cmd = [sys.executable, "-m", "node.cli", "start", "--name", name, "--state-dir", str(sd),
+        cmd = [sys.executable, "-m", "node.cli.main", "start", "--name", name, "--state-dir", str(sd),
                "--host", "127.0.0.1", "--port", "0", "--web-port", "0", "--no-mdns",
                "--log-file", str(sd / "node.log"), *args]
         for p in peers:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.store import NodeDB
+from node.runtime.checkpoints import NodeDB
 
 from .cluster import Cluster
 from .crashloop import crash_cycles

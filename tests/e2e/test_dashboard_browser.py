@@ -34,7 +34,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from node.demo import get_json
+from node.cli.demo import get_json
 
 from .cluster import Cluster, NodeProc, poll_until
 

@@ -31,7 +31,7 @@ def _interruptible() -> None:
 
 
 def test_demo_runs_to_the_end_and_prints_a_table(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "node.cli", "demo", "--rounds", "3",
+    proc = subprocess.run([sys.executable, "-m", "node.cli.main", "demo", "--rounds", "3",
                            "--base-dir", str(tmp_path)], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -44,7 +44,7 @@ def test_demo_runs_to_the_end_and_prints_a_table(tmp_path):
 
 
 def test_ctrl_c_stops_the_demo_and_its_nodes(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "demo", "--rounds", "500",
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli.main", "demo", "--rounds", "500",
                              "--base-dir", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=_interruptible)

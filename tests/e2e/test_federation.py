@@ -34,9 +34,9 @@ def test_three_nodes_train_digits_to_one_model(tmp_path):
         statuses = [n.status() for n in nodes]
         history = nodes[0].metrics()
         url = f"http://127.0.0.1:{nodes[0].web_port}"
-        human = subprocess.run([sys.executable, "-m", "node.cli", "status", url],
+        human = subprocess.run([sys.executable, "-m", "node.cli.main", "status", url],
                                capture_output=True, text=True, timeout=60)
-        as_json = subprocess.run([sys.executable, "-m", "node.cli", "status", url, "--json"],
+        as_json = subprocess.run([sys.executable, "-m", "node.cli.main", "status", url, "--json"],
                                  capture_output=True, text=True, timeout=60)
     assert human.returncode == 0 and "state done  round 5/5" in human.stdout, human
     assert "bravo" in human.stdout and "charlie" in human.stdout

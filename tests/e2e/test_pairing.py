@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "node.cli", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "node.cli.main", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
 
 

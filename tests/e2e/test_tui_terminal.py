@@ -227,7 +227,7 @@ def showing(term: Terminal, name: str, node_id: str) -> str | None:
 
 def tui_command(node: NodeProc) -> list[str]:
     token = (node.state_dir / "api.token").read_text().strip()
-    return [sys.executable, "-m", "node.cli", "tui", f"http://127.0.0.1:{node.web_port}",
+    return [sys.executable, "-m", "node.cli.main", "tui", f"http://127.0.0.1:{node.web_port}",
             "--token", token]
 
 
@@ -287,7 +287,7 @@ def test_tui_watches_and_steers_a_node(tmp_path, terminal):
 
 def test_start_with_tui_stops_its_node_on_quit(tmp_path, terminal):
     state_dir = tmp_path / "solo"
-    terminal.run([sys.executable, "-m", "node.cli", "start", "--name", "solo",
+    terminal.run([sys.executable, "-m", "node.cli.main", "start", "--name", "solo",
                   "--state-dir", str(state_dir), "--host", "127.0.0.1", "--port", "0",
                   "--web-port", "0", "--no-mdns", *TRAINING, "--tui"])
     log = state_dir / "node.log"
@@ -306,7 +306,7 @@ def test_start_with_tui_stops_its_node_on_quit(tmp_path, terminal):
         pid = json.loads((state_dir / "endpoint.json").read_text())["pid"]
         node = psutil.Process(pid)
         terminal.extra.append(node)  # stopped at the end even if the TUI leaves it behind
-        assert "node.cli" in " ".join(node.cmdline()) and "--tui" not in node.cmdline()
+        assert "node.cli.main" in " ".join(node.cmdline()) and "--tui" not in node.cmdline()
         first = screen_round(terminal.last_screen)
         wait_for(lambda: (r := screen_round(terminal.screen())) is not None and r >= first + 2,
                  f"the screen's round to pass {first + 1}", terminal)

@@ -9,8 +9,8 @@ import pytest
 from ml.datasets import available_datasets
 from ml.learner import TorchLearner
 from ml.models import available_models
-from node.cli import load_plugins
-from node.config import ConfigError, build_config
+from node.cli.main import load_plugins
+from node.cli.config import ConfigError, build_config
 
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from node.sim import Simulation
+from node.runtime.sim import Simulation
 from protocol.rounds import RoundTimeouts
 
 IDLE_TIMEOUT = 10.0  # the transport closes links that carried nothing for this long

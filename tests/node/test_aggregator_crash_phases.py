@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.sim import Simulation
+from node.runtime.sim import Simulation
 from protocol.rounds import Phase
 
 from .test_sim import assert_one_model_per_round

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from node.compress import (
+from node.runtime.compress import (
     Codec,
     ErrorFeedback,
     Int8,
@@ -202,7 +202,7 @@ def test_fp16_refuses_a_delta_beyond_its_range():
 
 @pytest.mark.parametrize("spec", ALL)
 def test_a_payload_survives_the_wire_tensor_format(spec):
-    from node.weights import from_tensors, to_tensors
+    from node.runtime.weights import from_tensors, to_tensors
 
     delta = random_delta()
     # node.weights.to_tensors cannot view an empty array (memoryview.cast refuses a 0 in

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from node.config import ConfigError, build_config
+from node.cli.config import ConfigError, build_config
 
 
 def test_flags_override_environment_override_toml(tmp_path):
@@ -61,7 +61,7 @@ def test_bad_toml_and_unknown_keys_are_reported(tmp_path):
     ],
 )
 def test_cli_rejects_bad_values_with_exit_code_2(args, message, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "node.cli", *args,
+    proc = subprocess.run([sys.executable, "-m", "node.cli.main", *args,
                            "--state-dir", str(tmp_path)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2, proc.stderr

@@ -7,9 +7,9 @@ import contextlib
 
 import aiohttp
 
-from node.config import NodeConfig
-from node.daemon import Node
-from node.store import decode_checkpoint
+from node.cli.config import NodeConfig
+from node.runtime.supervisor import Node
+from node.runtime.checkpoints import decode_checkpoint
 from protocol.envelope import decode
 
 from .fakes import FakeLearner

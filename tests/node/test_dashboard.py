@@ -18,15 +18,15 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
-from node.dashboard import (
+from node.web.dashboard import (
     PROMETHEUS_CONTENT_TYPE,
     WS_UNAUTHORIZED,
     add_dashboard,
     prometheus_text,
     resources,
 )
-from node.hostguard import allowed_hosts_for
-from node.hub import EventHub
+from node.web.hostguard import allowed_hosts_for
+from node.web.hub import EventHub
 
 TOKEN = "correct-horse-battery-staple"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

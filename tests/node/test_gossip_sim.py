@@ -1,11 +1,11 @@
-"""Membership and gossip over partial meshes, in memory (node.sim): relayed members,
+"""Membership and gossip over partial meshes, in memory (node.runtime.sim): relayed members,
 routed updates, forward-once de-duplication, and trust."""
 
 from __future__ import annotations
 
 import pytest
 
-from node.sim import Simulation
+from node.runtime.sim import Simulation
 from protocol.gossip import frame_id
 from protocol.identity import Identity
 from protocol.messages import Heartbeat, Relay

@@ -13,8 +13,8 @@ import logging
 
 import pytest
 
-from node.config import NodeConfig
-from node.daemon import Node
+from node.cli.config import NodeConfig
+from node.runtime.supervisor import Node
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from urllib.parse import quote
 import pytest
 from PIL import Image
 
-from node.pairing import (
+from node.trust.pairing import (
     PairingError,
     PairingOffer,
     TokenBook,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.sim import Simulation
+from node.runtime.sim import Simulation
 
 CROSS = [(0, 2), (0, 3), (1, 2), (1, 3)]
 

@@ -1,4 +1,4 @@
-"""Many nodes in one process over the in-memory network with a fake clock (node.sim).
+"""Many nodes in one process over the in-memory network with a fake clock (node.runtime.sim).
 
 These run the real NodeCore (keys, signed envelopes, replay guard, round machine); only
 sockets, threads and the clock are simulated, so whole federations run in milliseconds.
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from node.sim import Simulation
+from node.runtime.sim import Simulation
 from protocol.rounds import Phase, RoundTimeouts
 
 

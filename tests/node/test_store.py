@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.store import (
+from node.runtime.checkpoints import (
     CheckpointError,
     CheckpointStore,
     NodeDB,
@@ -97,7 +97,7 @@ def test_a_corrupt_database_is_a_clear_error(tmp_path):
 def test_an_older_database_gains_the_epsilon_column_and_keeps_its_rounds(tmp_path):
     import sqlite3
 
-    from node.store import NodeDB
+    from node.runtime.checkpoints import NodeDB
 
     old = sqlite3.connect(tmp_path / "node.db")
     old.execute("CREATE TABLE rounds (round INTEGER PRIMARY KEY, accuracy REAL, loss REAL,"

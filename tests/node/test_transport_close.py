@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from node.transport import Link, PeerTransport, close_ws
+from node.peers.transport import Link, PeerTransport, close_ws
 
 
 class SilentSocket:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from aiohttp import WSMessage, WSMsgType
 
-from node.transport import Link, PeerTransport
+from node.peers.transport import Link, PeerTransport
 
 KEY = b"\x07" * 32
 

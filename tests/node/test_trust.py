@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from node.trust import TRUST_FILE, TrustedPeer, TrustStore, decode_key, encode_key
+from node.trust.store import TRUST_FILE, TrustedPeer, TrustStore, decode_key, encode_key
 from protocol.identity import Identity, node_id_from_key
 
 NOW = 1_700_000_000.0

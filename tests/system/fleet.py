@@ -61,7 +61,7 @@ def start_node(hosts: Hosts, host: str, base: Path, *args: str, secret: str | No
     env.pop("FL_NODE_FEDERATION_SECRET", None)
     if secret is not None:
         env["FL_NODE_FEDERATION_SECRET"] = secret
-    cmd = [sys.executable, "-m", "node.cli", "start", "--name", name, "--state-dir", str(sd),
+    cmd = [sys.executable, "-m", "node.cli.main", "start", "--name", name, "--state-dir", str(sd),
            "--host", "0.0.0.0", "--port", str(PEER_PORT), "--web-port", str(WEB_PORT),
            *(("--mdns-interface", hosts.ip(host)) if mdns_interface else ()),
            "--log-file", str(sd / "node.log"), "--dataset", "digits", *args]

@@ -1,7 +1,7 @@
 """Several "hosts" on one machine: Linux network namespaces on a private bridge, with multicast.
 
     with Hosts(("a", "b", "c")) as hosts:
-        node = hosts.popen("a", [sys.executable, "-m", "node.cli", "start", ...])
+        node = hosts.popen("a", [sys.executable, "-m", "node.cli.main", "start", ...])
         hosts.run("b", ["python3", "-c", "..."])
         hosts.block("a", "c")          # line topology a - b - c
         hosts.cut("b")                 # b loses its link; hosts.heal("b") restores it

@@ -33,7 +33,7 @@ IMPOSTOR = textwrap.dedent("""
 
 
 def cli(hosts: Hosts, host: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return hosts.run(host, [sys.executable, "-m", "node.cli", *args], cwd=REPO, timeout=60)
+    return hosts.run(host, [sys.executable, "-m", "node.cli.main", *args], cwd=REPO, timeout=60)
 
 
 def test_paired_nodes_train_and_strangers_and_impostors_get_nothing(tmp_path):

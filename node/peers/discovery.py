@@ -33,7 +33,7 @@ from protocol.envelope import PROTOCOL_VERSION
 from protocol.identity import node_id_from_key
 
 if TYPE_CHECKING:
-    from .daemon import Node
+    from node.runtime.supervisor import Node
 
 log = logging.getLogger(__name__)
 

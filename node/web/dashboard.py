@@ -4,10 +4,10 @@
 live WebSocket (``/ws``), the control and read endpoints (``/api/peers``, ``/api/config``,
 ``/api/start``, ``/api/stop``, ``/api/events``) and Prometheus ``/metrics`` (see
 docs/api.md). It talks to the node only through the ``Controllable`` protocol, and the node
-pushes live events through an ``EventHub`` (node.hub); neither knows about the other's
+pushes live events through an ``EventHub`` (node.web.hub); neither knows about the other's
 internals.
 
-Every request is checked by ``host_origin_guard`` (node.hostguard: DNS rebinding, CSRF);
+Every request is checked by ``host_origin_guard`` (node.web.hostguard: DNS rebinding, CSRF);
 every mutating call needs ``Authorization: Bearer <token>``, and a WebSocket authenticates
 with its first message.
 """
@@ -29,9 +29,9 @@ import aiohttp
 import psutil
 from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 
-from .hostguard import host_origin_guard
-from .hub import STATUS_UPDATE, EventHub, HubEvent, SubscriberLagging, Subscription, message
-from .wsclose import close_ws
+from node.web.hostguard import host_origin_guard
+from node.web.hub import STATUS_UPDATE, EventHub, HubEvent, SubscriberLagging, Subscription, message
+from node.common.wsclose import close_ws
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The node's HTTP API (binds 127.0.0.1 by default).
 
 Serves ``/api/status``, ``/api/metrics`` (per-round history), ``/healthz`` and pairing
-here; node.dashboard adds the page, the WebSocket, control and Prometheus endpoints and
+here; node.web.dashboard adds the page, the WebSocket, control and Prometheus endpoints and
 the Host/Origin guard (docs/api.md).
 """
 
@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from . import pair_flow
-from .dashboard import add_dashboard
-from .pairing import DEFAULT_TTL_S, PairingError
+from node.trust.store import pair_flow
+from node.web.dashboard import add_dashboard
+from node.trust.pairing import DEFAULT_TTL_S, PairingError
 
 if TYPE_CHECKING:
-    from .daemon import Node
+    from node.runtime.supervisor import Node
 
 NODE_KEY: web.AppKey[Node] = web.AppKey("node")
 
@@ -131,6 +131,6 @@ def build_web_app(node: Node) -> web.Application:
     app.router.add_get("/api/pair", pair_list)
     app.router.add_delete("/api/pair/{ident}", pair_remove)
     # The page, /ws, control and read endpoints, /metrics, and the Host/Origin guard on
-    # every route (node.dashboard).
+    # every route (node.web.dashboard).
     add_dashboard(app, node, node.hub, allowed_hosts=node.allowed_hosts)
     return app

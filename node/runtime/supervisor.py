@@ -49,21 +49,21 @@ from protocol.errors import ProtocolError
 from protocol.gossip import federation_key
 from protocol.tensors import weights_digest
 
-from .compress import ErrorFeedback, apply_delta, parse_codec, weights_delta
-from .control import ControlMixin
-from .config import NodeConfig, parse_key, parse_peer, read_federation_secret
-from .core import NodeCore, TrustPolicy
-from .dashboard import resources
-from .hostguard import allowed_hosts_for
-from .hub import EventHub
-from .learner import Learner, Weights
-from .pair_flow import PAIR_PATH, handle_pair_request
-from .pairing import TokenBook
-from .state import SequenceCounter, atomic_write, load_or_create_api_token
-from .store import CheckpointError, CheckpointStore, NodeDB
-from .trust import TrustStore
-from .transport import Link, PeerTransport, close_ws, now
-from .weights import from_tensors, to_tensors
+from node.runtime.compress import ErrorFeedback, apply_delta, parse_codec, weights_delta
+from node.runtime.control import ControlMixin
+from node.cli.config import NodeConfig, parse_key, parse_peer, read_federation_secret
+from node.peers.core import NodeCore, TrustPolicy
+from node.web.dashboard import resources
+from node.web.hostguard import allowed_hosts_for
+from node.web.hub import EventHub
+from node.runtime.learner import Learner, Weights
+from node.trust.pair_flow import PAIR_PATH, handle_pair_request
+from node.trust.pairing import TokenBook
+from node.runtime.state import SequenceCounter, atomic_write, load_or_create_api_token
+from node.runtime.checkpoints import CheckpointError, CheckpointStore, NodeDB
+from node.trust.store import TrustStore
+from node.peers.transport import Link, PeerTransport, close_ws, now
+from node.runtime.weights import from_tensors, to_tensors
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class Node(ControlMixin):
         self._timer_changed = asyncio.Event()
         self._stop_training = threading.Event()
         self._shutdown = asyncio.Event()
-        #: Live events for WebSocket clients (node.dashboard), and the Host/Origin names
+        #: Live events for WebSocket clients (node.web.dashboard), and the Host/Origin names
         #: the web API answers to (filled in once its port is bound).
         self.hub = EventHub()
         self.stopped_reason: str | None = None
@@ -408,7 +408,7 @@ class Node(ControlMixin):
         return ckpt.round
 
     def _web_app(self) -> web.Application:
-        from .web import build_web_app
+        from node.web.api import build_web_app
 
         return build_web_app(self)
 
@@ -742,7 +742,7 @@ class Node(ControlMixin):
             await asyncio.sleep(self.config.announce_interval)
 
     async def _discovery(self) -> None:
-        from .discovery import Discovery
+        from node.peers.discovery import Discovery
 
         discovery = Discovery(self)
         await discovery.run()

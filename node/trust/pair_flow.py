@@ -2,7 +2,7 @@
 another (docs/trust.md).
 
 1. Node A issues a pairing code (URI): its full public key, addresses, federation, and a
-   one-time token that expires (node.pairing).
+   one-time token that expires (node.trust.pairing).
 2. Node B, given the URI, sends a signed ``pair_request`` with the token to
    ``POST /fl/v1/pair`` on one of A's addresses. The signature proves B holds its key.
 3. A redeems the token (once, before it expires), trusts B's key, and answers with a signed
@@ -24,11 +24,11 @@ from protocol.errors import ProtocolError
 from protocol.identity import node_id_from_key
 from protocol.messages import PairAccept, PairRequest
 
-from .pairing import PairingError, PairingOffer, make_offer, split_address
-from .trust import check_name
+from node.trust.pairing import PairingError, PairingOffer, make_offer, split_address
+from node.trust.store import check_name
 
 if TYPE_CHECKING:
-    from .daemon import Node
+    from node.runtime.supervisor import Node
 
 log = logging.getLogger(__name__)
 

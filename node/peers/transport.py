@@ -24,8 +24,8 @@ from protocol.errors import ProtocolError
 from protocol.identity import node_id_from_key
 from protocol.messages import Hello
 
-from .core import NodeCore
-from .wsclose import CLOSE_GRACE, AnyWebSocket, close_ws
+from node.peers.core import NodeCore
+from node.common.wsclose import CLOSE_GRACE, AnyWebSocket, close_ws
 
 log = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ from protocol.rounds import (
 )
 from protocol.tensors import weights_digest
 
-from .core import NodeCore, TrustPolicy
-from .state import SequenceCounter
-from .weights import from_tensors, to_tensors
+from node.peers.core import NodeCore, TrustPolicy
+from node.runtime.state import SequenceCounter
+from node.runtime.weights import from_tensors, to_tensors
 
 FEDERATION = "sim"
 

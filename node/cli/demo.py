@@ -59,7 +59,7 @@ def stop_processes(procs: list[subprocess.Popen[bytes]], grace: float = 10.0) ->
 def node_command(i: int, n: int, state_dir: Path, peers: list[str], opts: dict[str, Any]
                  ) -> list[str]:
     """The `fl-node start` command line of demo node ``i`` of ``n``."""
-    cmd = [sys.executable, "-m", "node.cli", "start", "--name", f"node-{i + 1}",
+    cmd = [sys.executable, "-m", "node.cli.main", "start", "--name", f"node-{i + 1}",
            "--state-dir", str(state_dir), "--host", "127.0.0.1", "--port", "0",
            "--web-port", "0", "--num-partitions", str(n), "--partition-index", str(i),
            "--wait-peers", str(n - 1), "--log-file", str(state_dir / "node.log"),

@@ -1,6 +1,6 @@
 """The seam between the node and machine learning.
 
-The node never imports ``ml``: it talks to anything with these methods. ``node.cli`` wires
+The node never imports ``ml``: it talks to anything with these methods. ``node.cli.main`` wires
 in ``ml.learner.TorchLearner``; node tests use small fakes without torch.
 """
 

@@ -2,7 +2,7 @@
 
 ``NodeCore`` turns frames from links into round-machine inputs, and the machine's
 messages into frames for links (``take_sends``). It does no I/O itself: the asyncio
-daemon (node.daemon) and the in-memory simulation (node.sim) drive the same core, so what
+daemon (node.runtime.supervisor) and the in-memory simulation (node.runtime.sim) drive the same core, so what
 the simulation tests is what runs.
 
 Trust: a key is trusted when it is in the trust store (pairing), pinned by the operator
@@ -56,9 +56,9 @@ from protocol.messages import (
 )
 from protocol.rounds import RoundMachine
 
-from .compress import parse_codec
-from .state import SequenceCounter
-from .weights import from_tensors
+from node.runtime.compress import parse_codec
+from node.runtime.state import SequenceCounter
+from node.runtime.weights import from_tensors
 
 log = logging.getLogger(__name__)
 

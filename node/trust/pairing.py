@@ -1,6 +1,6 @@
 """Pairing codes: a URI (shown as a QR code) that carries a node's full public key.
 
-Pairing is how two nodes come to trust each other's keys (see ``node.trust``). Node A
+Pairing is how two nodes come to trust each other's keys (see ``node.trust.store``). Node A
 issues a one-time token (``TokenBook.issue``) and shows a pairing code with its key, name,
 federation, peer addresses and the token. Node B reads the code, trusts A's key, connects to
 one of the addresses and presents the token; A redeems it (``TokenBook.redeem``) and trusts
@@ -44,8 +44,8 @@ from qrcode.image.pil import PilImage
 
 from protocol.identity import PUBLIC_KEY_LEN, node_id_from_key
 
-from .state import atomic_write
-from .trust import decode_key, encode_key
+from node.runtime.state import atomic_write
+from node.trust.store import decode_key, encode_key
 
 SCHEME = "fl-node"
 URI_VERSION = "1"
@@ -53,7 +53,7 @@ MAX_URI_LEN = 2048
 MAX_ADDRESSES = 8
 DEFAULT_TTL_S = 600.0
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # same rule as node.config
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # same rule as node.cli.config
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{22,64}$")
 _EXP_RE = re.compile(r"^(0|[1-9][0-9]{0,11})$")
 _ADDR_RE = re.compile(r"^(?P<host>\[[^\[\]]*\]|[^:\[\]]+):(?P<port>[0-9]{1,5})$")

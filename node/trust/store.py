@@ -1,7 +1,7 @@
 """The trust store: the public keys a node accepts model traffic from.
 
 A key enters the store by pairing (a QR code or pairing URI carrying the full key, see
-``node.pairing``) or by hand. The store lives in ``<state_dir>/trust.json``; every change
+``node.trust.pairing``) or by hand. The store lives in ``<state_dir>/trust.json``; every change
 is written at once, atomically (temp file, fsync, rename, fsync of the dir), mode 0600.
 
 File format (version 1), UTF-8 JSON::
@@ -49,7 +49,7 @@ from typing import Any
 
 from protocol.identity import PUBLIC_KEY_LEN, node_id_from_key
 
-from .state import atomic_write
+from node.runtime.state import atomic_write
 
 TRUST_FILE = "trust.json"
 FORMAT_VERSION = 1

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .state import atomic_write
+from node.runtime.state import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .config import (
+from node.cli.config import (
     DATASETS,
     LOG_LEVELS,
     PARTITIONS,
@@ -208,7 +208,7 @@ def _local_node_options(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def _state_dir(args: argparse.Namespace) -> str:
-    from .config import default_state_dir
+    from node.cli.config import default_state_dir
 
     return args.state_dir or default_state_dir(args.name)
 
@@ -255,7 +255,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     from ml.privacy import DPConfig
     from ml.strategies import parse_strategy
 
-    from .daemon import Node, install_signal_handlers
+    from node.runtime.supervisor import Node, install_signal_handlers
 
     torch.set_num_threads(1)
     try:
@@ -298,7 +298,7 @@ def _start_with_tui(config: Any) -> int:
     import subprocess
     import time as _time
 
-    from .state import load_or_create_api_token
+    from node.runtime.state import load_or_create_api_token
 
     state_dir = Path(config.resolved_state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -309,7 +309,7 @@ def _start_with_tui(config: Any) -> int:
     with open(os.devnull, "wb") as quiet:
         # Detached from the terminal (no stdin, its own session): the UI owns the terminal,
         # and this process stops the node when the UI ends or the terminal goes away.
-        child = subprocess.Popen([sys.executable, "-m", "node.cli", *argv],
+        child = subprocess.Popen([sys.executable, "-m", "node.cli.main", *argv],
                                  stdin=subprocess.DEVNULL, stdout=quiet, stderr=quiet,
                                  start_new_session=True,
                                  env={**os.environ, TUI_CHILD_ENV: "1"})
@@ -365,7 +365,7 @@ def load_plugins(modules: tuple[str, ...]) -> None:
 
 def cmd_token(args: argparse.Namespace) -> int:
     """Print the API token of the local node (made on first use, mode 0600)."""
-    from .state import load_or_create_api_token
+    from node.runtime.state import load_or_create_api_token
 
     print(load_or_create_api_token(Path(_state_dir(args))))
     return 0
@@ -444,8 +444,8 @@ class _LocalNode:
 
 def cmd_pair(args: argparse.Namespace) -> int:
     """Show a pairing code, pair with a code, list or remove paired nodes."""
-    from .config import default_state_dir
-    from .pairing import qr_png, qr_text
+    from node.cli.config import default_state_dir
+    from node.trust.pairing import qr_png, qr_text
 
     state_dir = args.state_dir or default_state_dir(args.name)
     try:
@@ -512,7 +512,7 @@ def _print_peers(peers: list[dict[str, Any]], as_json: bool) -> None:
 
 def _pair_offline(args: argparse.Namespace, state_dir: str) -> int:
     """list/remove on the trust store file when the node is not running."""
-    from .trust import TrustStore
+    from node.trust.store import TrustStore
 
     try:
         store = TrustStore(state_dir)
@@ -565,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pair":
         return cmd_pair(args)
     if args.command == "demo":
-        from .demo import run_demo
+        from node.cli.demo import run_demo
 
         return run_demo(args)
     raise AssertionError(args.command)

@@ -1,6 +1,6 @@
 """What the web API and the dashboard may see and change on a running node.
 
-``ControlMixin`` gives ``node.daemon.Node`` the ``Controllable`` side of node.dashboard:
+``ControlMixin`` gives ``node.daemon.Node`` the ``Controllable`` side of node.web.dashboard:
 the event history, the configuration (which keys apply at runtime), start and stop, and
 the live events pushed to WebSocket clients through the node's ``EventHub``.
 
@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from protocol.rounds import Phase, RoundTimeouts
 
-from .config import _FIELD_TYPES, ConfigError, _coerce
-from .transport import now
+from node.cli.config import _FIELD_TYPES, ConfigError, _coerce
+from node.peers.transport import now
 
 if TYPE_CHECKING:
-    from .daemon import Node
+    from node.runtime.supervisor import Node
 
 log = logging.getLogger(__name__)
 
