@@ -17,13 +17,14 @@ from .models import build_model
 from .partition import partition_indices
 from .privacy import (
     DPConfig,
+    DPTrainStats,
     PrivacyLedger,
     check_model_for_dp,
     poisson_schedule,
     train_local_dp,
 )
 from .strategies import FedAvg, Median, Strategy, fedavg, proximal_mu, split_state
-from .training import evaluate, train_local
+from .training import TrainStats, evaluate, train_local
 from .weights import Weights, get_weights, set_weights
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class TorchLearner:
         """
         model_weights, _ = split_state(weights)
         seed = (self.seed * 1_000_003 + self.partition_index * 10_007 + round_number) % 2**31
+        stats: TrainStats | DPTrainStats
         with self._lock:
             set_weights(self.model, model_weights)
             if self.dp is not None and self.ledger is not None:

@@ -23,9 +23,10 @@ from torch import nn
 Weights = dict[str, np.ndarray]
 """Named arrays, in ``model.state_dict()`` order."""
 
-_TO_CODE = {np.dtype("float64"): "F64", np.dtype("float32"): "F32", np.dtype("float16"): "F16",
-            np.dtype("int64"): "I64", np.dtype("int32"): "I32", np.dtype("int16"): "I16",
-            np.dtype("int8"): "I8", np.dtype("uint8"): "U8", np.dtype("bool"): "BOOL"}
+_TO_CODE: dict[np.dtype[Any], str] = {
+    np.dtype("float64"): "F64", np.dtype("float32"): "F32", np.dtype("float16"): "F16",
+    np.dtype("int64"): "I64", np.dtype("int32"): "I32", np.dtype("int16"): "I16",
+    np.dtype("int8"): "I8", np.dtype("uint8"): "U8", np.dtype("bool"): "BOOL"}
 _FROM_CODE = {v: k for k, v in _TO_CODE.items()}
 MAX_HEADER = 16 * 1024 * 1024
 """Largest JSON header accepted (the safetensors reference reader uses 100 MB)."""
