@@ -61,7 +61,7 @@ def fedavg(updates: Sequence[tuple[Weights, int]]) -> Weights:
     for key in first:
         ref = np.asarray(first[key])
         acc = np.zeros(ref.shape, dtype=np.float64)
-        for (weights, _), n in zip(updates, counts):
+        for (weights, _), n in zip(updates, counts, strict=True):
             arr = np.asarray(weights[key])
             if arr.shape != ref.shape:
                 raise ValueError(f"fedavg: {key} has shape {arr.shape}, expected {ref.shape}")
@@ -126,7 +126,7 @@ class Round:
             raise ValueError(f"{who}: the updates carry no examples")
         self.weights: list[Weights] = []
         self.counts: list[int] = []
-        for i, ((weights, _), n) in enumerate(zip(updates, counts)):
+        for i, ((weights, _), n) in enumerate(zip(updates, counts, strict=True)):
             own = {k: v for k, v in weights.items() if not k.startswith(STATE_PREFIX)}
             if set(own) != set(self.model):
                 raise ValueError(f"{who}: update {i} has different tensors from the base"

@@ -44,7 +44,7 @@ def partition_indices(labels: np.ndarray, num_partitions: int, index: int, *,
             idx = rng.permutation(np.flatnonzero(labels == c))
             props = rng.dirichlet(np.full(num_partitions, alpha))
             cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
-            for shard, part in zip(shards, np.split(idx, cuts)):
+            for shard, part in zip(shards, np.split(idx, cuts), strict=True):
                 shard.extend(part.tolist())
         if min(len(s) for s in shards) >= min_size:
             return np.sort(np.array(shards[index], dtype=np.int64))

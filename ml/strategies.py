@@ -57,7 +57,7 @@ class FedAvg:
     def aggregate(self, base: Weights, updates: Sequence[tuple[Weights, int]]) -> Weights:
         """``fedavg`` of the updates; the base's ``fl.opt.*`` state passes through."""
         rnd = Round(self.name, base, updates)
-        return rnd.result(fedavg(list(zip(rnd.weights, rnd.counts))))
+        return rnd.result(fedavg(list(zip(rnd.weights, rnd.counts, strict=True))))
 
 
 class FedProx(FedAvg):

@@ -16,7 +16,6 @@ from typing import Any
 
 from .source import connection_message
 
-
 _IDS = {"alpha": "KQ7M-3XRT-P2VD-N8WA-5", "bravo": "B4HD-ZL2C-8YKE-QW6M-T",
         "charlie": "CX9P-RT4N-M2LS-7VBA-K", "delta": "D3WF-6HQJ-YN8C-2ZRE-P"}
 _ACCURACY = (0.412, 0.655, 0.781, 0.846, 0.889)
@@ -70,7 +69,7 @@ def demo_story(epoch: float) -> list[dict[str, Any]]:
                                                 "detail": "4 nodes present, 3 needed"}},
     ]
     aggregators = ("alpha", "bravo", "charlie", "delta", "alpha")
-    for i, (accuracy, loss) in enumerate(zip(_ACCURACY, _LOSS), start=1):
+    for i, (accuracy, loss) in enumerate(zip(_ACCURACY, _LOSS, strict=True), start=1):
         ts = t + 6 + 55 * i
         done = {"round": i, "model_hash": f"{i}f2c4e1a7b3d",
                 "aggregator": _IDS[aggregators[i - 1]]}

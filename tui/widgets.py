@@ -7,6 +7,7 @@ source's messages into a :class:`tui.model.Dashboard` and hands the widgets its 
 from __future__ import annotations
 
 import time
+
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.reactive import reactive
@@ -218,7 +219,7 @@ class PeersTable(DataTable[str | Text]):
         for peer in peers:
             cells = self.cells(peer)
             if peer.node_id in self.rows:
-                for (column, _), value in zip(self.COLUMNS, cells):
+                for (column, _), value in zip(self.COLUMNS, cells, strict=True):
                     self.update_cell(peer.node_id, column, value)
             else:
                 self.add_row(*cells, key=peer.node_id)

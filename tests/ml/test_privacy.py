@@ -8,6 +8,7 @@ import pickle
 import stat
 import threading
 from functools import cache
+from itertools import pairwise
 
 import pytest
 import torch
@@ -17,8 +18,7 @@ from torch import nn
 from ml.datasets import load_dataset
 from ml.models import build_model
 from ml.partition import partition_indices
-from ml.privacy import (DPConfig, PrivacyLedger, check_model_for_dp, poisson_schedule,
-                        train_local_dp)
+from ml.privacy import DPConfig, PrivacyLedger, check_model_for_dp, poisson_schedule, train_local_dp
 from ml.training import evaluate
 from ml.weights import get_weights, set_weights, weights_to_bytes
 
@@ -83,7 +83,7 @@ def test_epsilon_never_decreases_as_rounds_are_recorded() -> None:
     for noise, rate in [(1.0, 0.05), (1.0, 0.05), (2.0, 0.05), (2.0, 0.1), (5.0, 0.01)]:
         ledger.record(noise, rate, 30)
         seen.append(ledger.epsilon(DELTA))
-    assert all(b > a for a, b in zip(seen, seen[1:])), seen
+    assert all(b > a for a, b in pairwise(seen)), seen
     assert len(ledger.history) == 4  # different noise or rate: a new entry
 
 
@@ -421,5 +421,5 @@ def test_dp_training_learns_digits_and_epsilon_grows() -> None:
         accuracies.append(evaluate(model, data.test_x, data.test_y).accuracy)
     print(f"DP-SGD digits mlp, noise 1.0, C 1.0: accuracy {accuracies}, epsilon {epsilons}")
     assert all(math.isfinite(e) for e in epsilons)
-    assert all(b > a for a, b in zip(epsilons, epsilons[1:]))
+    assert all(b > a for a, b in pairwise(epsilons))
     assert accuracies[-1] >= 0.75

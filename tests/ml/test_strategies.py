@@ -162,7 +162,7 @@ distances: 0 -> 1 + 4 = 5; 1 -> 1 + 1 = 2; 2 -> 1 + 4 = 5; 4 -> 4 + 9 = 13;
 
 def krum_updates(counts: list[int] | None = None) -> list[tuple[dict[str, np.ndarray], int]]:
     counts = counts or [1] * len(KRUM_POINTS)
-    return [(vec(p), n) for p, n in zip(KRUM_POINTS, counts)]
+    return [(vec(p), n) for p, n in zip(KRUM_POINTS, counts, strict=True)]
 
 
 def test_krum_scores_and_choice_match_a_hand_computation() -> None:
@@ -371,7 +371,7 @@ def test_strategies_do_not_modify_their_inputs() -> None:
     for strategy in (FedAvg(), FedAdam(), FedYogi(), Median(), TrimmedMean(), Krum(f=1),
                      MultiKrum(f=1), Clipped(Median(), max_norm=0.1)):
         strategy.aggregate(base, ups)
-    assert all(np.array_equal(u["w"], b) for (u, _), b in zip(ups, before[0]))
+    assert all(np.array_equal(u["w"], b) for (u, _), b in zip(ups, before[0], strict=True))
     assert all(np.array_equal(base[k], v) for k, v in before[1].items())
 
 
