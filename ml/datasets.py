@@ -1,8 +1,8 @@
 """Dataset registry: ``digits`` (bundled), ``synthetic`` (seeded), and ``mnist``,
 ``fashion-mnist``, ``cifar10`` read from ``--data-dir`` (downloaded only when asked).
 
-Files are read by plain byte parsers (nothing is unpickled): MNIST and Fashion-MNIST from their IDX files
-(raw or ``.gz``) under ``DATA_DIR/MNIST/raw`` and ``DATA_DIR/FashionMNIST/raw`` (the
+Files are read by plain byte parsers (nothing is unpickled): MNIST and Fashion-MNIST from their
+IDX files (raw or ``.gz``) under ``DATA_DIR/MNIST/raw`` and ``DATA_DIR/FashionMNIST/raw`` (the
 layout torchvision uses), CIFAR-10 from its *binary* distribution under
 ``DATA_DIR/cifar-10-batches-bin``. Every loader returns the data set's own held-out
 test split, identical on every node.

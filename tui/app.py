@@ -25,8 +25,15 @@ from textual.widgets import Footer
 from .model import Dashboard, LogLine
 from .pairing import PairingScreen
 from .source import DataSource, NodeSource, SourceError
-from .widgets import (EventLog, MetricChart, NodeHeader, PeersTable, ResourcesView,
-                      RoundProgress, TopologyView)
+from .widgets import (
+    EventLog,
+    MetricChart,
+    NodeHeader,
+    PeersTable,
+    ResourcesView,
+    RoundProgress,
+    TopologyView,
+)
 
 W = TypeVar("W", bound=Widget)
 

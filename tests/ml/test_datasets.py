@@ -313,7 +313,8 @@ def test_failed_download_is_a_dataset_unavailable_error(
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
-    with pytest.raises(DatasetUnavailableError, match="fashion-mnist: download failed.*unreachable"):
+    with pytest.raises(DatasetUnavailableError,
+                       match="fashion-mnist: download failed.*unreachable"):
         load_dataset("fashion-mnist", data_dir=str(tmp_path), download=True)
 
     seen: list[tuple[object, ...]] = []

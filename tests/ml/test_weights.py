@@ -89,7 +89,8 @@ def test_set_weights_with_a_wrong_shape_names_the_key() -> None:
     w = get_weights(model)
     w["head.3.weight"] = np.zeros((5, 64), np.float32)
     before = get_weights(model)
-    with pytest.raises(ValueError, match=r"head\.3\.weight has shape \(5, 64\), expected \(10, 64\)"):
+    with pytest.raises(ValueError,
+                       match=r"head\.3\.weight has shape \(5, 64\), expected \(10, 64\)"):
         set_weights(model, w)
     for k, v in get_weights(model).items():  # nothing half-loaded
         np.testing.assert_array_equal(v, before[k])

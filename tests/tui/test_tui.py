@@ -17,8 +17,15 @@ from tui.app import FlNodeApp, run_tui
 from tui.model import Dashboard
 from tui.pairing import PairingScreen
 from tui.source import NodeSource, SourceError
-from tui.widgets import (EventLog, MetricChart, NodeHeader, PeersTable, ResourcesView,
-                         RoundProgress, TopologyView)
+from tui.widgets import (
+    EventLog,
+    MetricChart,
+    NodeHeader,
+    PeersTable,
+    ResourcesView,
+    RoundProgress,
+    TopologyView,
+)
 
 from .fakes import PAIRING_URI, TOKEN, FakeNode, FakeSource, message, peer, status
 
