@@ -4,7 +4,7 @@ One ``RoundMachine`` per node. It is fed with what happens (peers coming and goi
 decoded messages, the end of local training or aggregation, the clock) and answers with
 actions in ``outbox`` for the node to carry out (train, send, aggregate, commit). It never
 touches a socket, a thread or a clock of its own, so many machines can run in one process
-against a fake clock (see node.sim).
+against a fake clock (see node.runtime.sim).
 
 Rules (docs/protocol.md, "Rounds" is the normative text):
 
@@ -35,274 +35,52 @@ Rules (docs/protocol.md, "Rounds" is the normative text):
   (late ones included), between ``RoundTimeouts.floor`` and ``collect`` (``Deadlines``).
   An update for a round that is over is answered with that round's model by the node
   layer (the straggler catches up; its data counts again from the next round).
+
+Phases: ``protocol.phases`` holds the table of the moves between them (with a diagram);
+every phase change goes through ``RoundMachine._enter``, which checks it. The machine's
+state changes only through its constructor and methods (``resume``, ``resume_offline``,
+``set_timeouts`` and ``set_quorum`` for a node restoring a checkpoint or reconfigured at
+run time; ``protocol.roundstate`` holds that state and its views). The actions of the
+outbox are in ``protocol.actions``, the deadlines in ``protocol.deadlines``; this module
+re-exports them.
 """
 
 from __future__ import annotations
 
-import enum
-from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-from .election import ranking
+from .actions import (
+    Action,
+    Aggregate,
+    Average,
+    Commit,
+    Note,
+    PublishModel,
+    SendUpdate,
+    ShareModel,
+    StartTraining,
+)
+from .deadlines import Deadlines, RoundTimeouts
 from .errors import ProtocolError
 from .messages import Delta, Model, Share, Update
+from .phases import TRANSITIONS, IllegalTransition, Phase
+from .roundstate import NON_PARTICIPATING, NOT_PUBLISHING, PeerView, RoundState
 from .tensors import Tensor, weights_digest
+
+__all__ = [
+    "NON_PARTICIPATING", "NOT_PUBLISHING", "STATE_PREFIX", "TRANSITIONS", "Action",
+    "Aggregate", "Average", "Commit", "Deadlines", "IllegalTransition", "Note", "Phase",
+    "PublishModel", "RoundMachine", "RoundState", "RoundTimeouts", "SendUpdate",
+    "ShareModel", "StartTraining",
+]
 
 #: Name prefix of strategy-state tensors a global model may carry (``check_spec``).
 STATE_PREFIX = "fl.opt."
 
-#: Peer states (reported in heartbeats) in which a member does not take part in rounds.
-NON_PARTICIPATING = frozenset({"stopped", "done"})
-#: Peer states in which an aggregator publishes nothing in the round: those, and offline.
-NOT_PUBLISHING = NON_PARTICIPATING | {"offline"}
 
-
-class Phase(enum.Enum):
-    """Where a node stands in the current round."""
-
-    WAITING_START = "waiting"
-    TRAINING = "training"
-    WAITING_MODEL = "waiting_model"
-    COLLECTING = "collecting"
-    AGGREGATING = "aggregating"
-    OFFLINE = "offline"
-    STOPPED = "stopped"
-    DONE = "done"
-
-
-@dataclass(frozen=True)
-class RoundTimeouts:
-    """Deadlines, in seconds.
-
-    ``collect``: the most an aggregator waits for updates after its own is ready.
-    ``model``: the most a member waits for the global model after sending its update.
-    ``start``: how long a fresh node waits for ``wait_peers`` before starting anyway.
-    ``floor``: the least either adaptive deadline can shrink to.
-    """
-
-    collect: float = 60.0
-    model: float = 90.0
-    start: float = 60.0
-    floor: float = 5.0
-
-
-class Deadlines:
-    """The collect deadline, fitted to how late updates come, capped by ``RoundTimeouts``.
-
-    It is ``2 x p90 + floor`` of the recent lateness samples (the last 32), between
-    ``floor`` and ``collect``; with fewer than 3 samples it is ``collect``. A sample is how
-    long after our own update a peer's update came to us as aggregator (0 if before),
-    including updates that came after we aggregated, so stragglers cut off once push the
-    deadline up again. The model deadline (how long a member waits for the model) stays
-    ``model``: it must outlast any aggregator's collect deadline, or members would abandon
-    an aggregator that is only waiting for a straggler.
-    """
-
-    WINDOW = 32
-    MIN_SAMPLES = 3
-
-    def __init__(self, timeouts: RoundTimeouts) -> None:
-        self.timeouts = timeouts
-        self.lags: deque[float] = deque(maxlen=self.WINDOW)
-
-    def collect(self) -> float:
-        """Seconds an aggregator waits for updates once its own is ready."""
-        cap = self.timeouts.collect
-        if len(self.lags) < self.MIN_SAMPLES:
-            return cap
-        ordered = sorted(self.lags)
-        p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
-        floor = min(self.timeouts.floor, cap)
-        return min(cap, max(floor, 2.0 * p90 + floor))
-
-
-# ---- actions (the outbox) -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StartTraining:
-    """Train round ``round`` locally from the model we hold (``base`` is its digest);
-    ``offline``: an offline step (the result is shared and averaged, not sent to an
-    aggregator)."""
-
-    round: int
-    base: bytes
-    offline: bool = False
-
-
-@dataclass(frozen=True)
-class SendUpdate:
-    """Send our update to ``to`` (the aggregator we elected)."""
-
-    to: bytes
-    update: Update = field(repr=False)
-
-
-@dataclass(frozen=True)
-class Aggregate:
-    """Run the aggregation strategy over ``updates`` (sender key -> update)."""
-
-    round: int
-    attempt: int
-    updates: dict[bytes, Update] = field(repr=False)
-
-
-@dataclass(frozen=True)
-class ShareModel:
-    """Offline: send ``share`` (our freshly trained model) to each member in ``to``."""
-
-    to: tuple[bytes, ...]
-    share: Share = field(repr=False)
-
-
-@dataclass(frozen=True)
-class Average:
-    """Offline: average ``models`` (ours and the peers' latest, sender key -> share)
-    weighted by their examples, adopt the result, then call ``average_done``."""
-
-    round: int
-    step: int
-    models: dict[bytes, Share] = field(repr=False)
-
-
-@dataclass(frozen=True)
-class PublishModel:
-    """Sign ``model`` as ours and send it to every member."""
-
-    model: Model = field(repr=False)
-
-
-@dataclass(frozen=True)
-class Commit:
-    """Apply ``model`` as the global model of ``model.round``."""
-
-    model: Model = field(repr=False)
-    source: bytes
-
-
-@dataclass(frozen=True)
-class Note:
-    """Something worth logging or showing: ``kind`` is a short stable word."""
-
-    kind: str
-    detail: str
-
-
-Action = (StartTraining | SendUpdate | Aggregate | PublishModel | Commit | ShareModel
-          | Average | Note)
-
-
-# ---- the machine ----------------------------------------------------------------------
-
-
-@dataclass
-class _PeerView:
-    round: int = 0
-    state: str = "unknown"
-
-
-class RoundMachine:
+class RoundMachine(RoundState):
     """Rounds and aggregator election for one node (sans-IO)."""
-
-    def __init__(
-        self,
-        *,
-        self_key: bytes,
-        federation: str,
-        rounds_total: int,
-        genesis: list[Tensor],
-        wait_peers: int = 0,
-        quorum: int = 1,
-        timeouts: RoundTimeouts = RoundTimeouts(),
-        completed: int = 0,
-        model_digest: bytes | None = None,
-    ) -> None:
-        if rounds_total < 1:
-            raise ValueError("rounds_total must be >= 1")
-        if quorum < 1:
-            raise ValueError("quorum must be >= 1")
-        self.self_key = self_key
-        self.federation = federation
-        self.rounds_total = rounds_total
-        self.wait_peers = wait_peers
-        self.quorum = quorum
-        self.timeouts = timeouts
-        self.deadlines = Deadlines(timeouts)
-        self.spec = [(t.name, t.dtype, t.shape) for t in genesis]
-        self.genesis_digest = weights_digest(genesis)
-        self.completed = completed
-        self.model_digest = model_digest or self.genesis_digest
-        self.phase = Phase.WAITING_START
-        self.peers: dict[bytes, _PeerView] = {}
-        self.outbox: list[Action] = []
-        self.aggregator: bytes | None = None
-        self.last_aggregator: bytes | None = None
-        self.excluded: set[bytes] = set()
-        self.my_update: Update | None = None
-        self.updates: dict[int, dict[bytes, Update]] = {}
-        self.deadline: float | None = None
-        #: Offline: the digest of the averaged model we hold (None: the global one), the
-        #: peers' latest shares for the current round, and offline steps done in all.
-        self.local_digest: bytes | None = None
-        self.shares: dict[bytes, Share] = {}
-        self.offline_steps = 0
-        self._step = 0
-        self._collect_started: dict[int, float] = {}
-        self._started = False
-        self._paused = False
-
-    # -- views ------------------------------------------------------------------------
-
-    @property
-    def current(self) -> int:
-        """The round being worked on (one above the last completed round)."""
-        return self.completed + 1
-
-    @property
-    def attempt(self) -> int:
-        """How many aggregators have failed in the current round."""
-        return len(self.excluded)
-
-    @property
-    def base_digest(self) -> bytes:
-        """The digest of the model we train from: the offline average if we hold one."""
-        return self.local_digest or self.model_digest
-
-    @property
-    def offline(self) -> bool:
-        """True while this node is below quorum, training and averaging on its own."""
-        return self.phase is Phase.OFFLINE
-
-    def members(self) -> set[bytes]:
-        """Live members including this node."""
-        return {self.self_key, *self.peers}
-
-    def participants(self) -> set[bytes]:
-        """Live members expected to send an update this round."""
-        out = {k for k, v in self.peers.items() if v.state not in NON_PARTICIPATING}
-        if not self._paused:
-            out.add(self.self_key)
-        return out
-
-    def has_quorum(self) -> bool:
-        """Whether enough members take part for an elected round."""
-        return len(self.participants()) >= self.quorum
-
-    def elect(self) -> bytes | None:
-        """The aggregator of the current round in this node's view."""
-        candidates = {k for k in self.participants() if k not in self.excluded}
-        ranked = ranking(self.federation, self.current, candidates)
-        return ranked[0] if ranked else None
-
-    def next_deadline(self) -> float | None:
-        """When ``tick`` must next be called (None: no timer)."""
-        return self.deadline
-
-    def take_actions(self) -> list[Action]:
-        """Drain the outbox."""
-        out, self.outbox = self.outbox, []
-        return out
 
     # -- inputs -----------------------------------------------------------------------
 
@@ -316,7 +94,7 @@ class RoundMachine:
         if self.completed > 0 or len(self.peers) >= self.wait_peers:
             self._begin_round(now)
         else:
-            self.phase = Phase.WAITING_START
+            self._enter(Phase.WAITING_START)
             self.deadline = now + self.timeouts.start
             self._note("waiting_for_peers", f"{len(self.peers)}/{self.wait_peers} peers")
 
@@ -324,13 +102,13 @@ class RoundMachine:
         """Stop taking part after the current step; state is kept (``start`` resumes)."""
         self._paused = True
         if self.phase not in (Phase.DONE,):
-            self.phase = Phase.STOPPED
+            self._enter(Phase.STOPPED)
             self.deadline = None
             self.my_update = None
 
     def peer_up(self, key: bytes, now: float, *, round: int = 0, state: str = "unknown") -> None:
         """A member's link is up (after its handshake)."""
-        self.peers[key] = _PeerView(round=round, state=state)
+        self.peers[key] = PeerView(round=round, state=state)
         if (self._started and self.phase is Phase.WAITING_START
                 and len(self.peers) >= self.wait_peers):
             self._begin_round(now)
@@ -497,9 +275,6 @@ class RoundMachine:
 
     # -- internals --------------------------------------------------------------------
 
-    def _note(self, kind: str, detail: str) -> None:
-        self.outbox.append(Note(kind, detail))
-
     def check_spec(self, weights: list[Tensor], what: str, *, state: bool = False) -> None:
         """ProtocolError unless ``weights`` have the federation's names, dtypes, shapes.
 
@@ -535,14 +310,14 @@ class RoundMachine:
             if not was_offline:
                 self._note("offline", f"{len(self.participants())} of {self.quorum} members"
                            " needed for a round: training and averaging with reachable peers")
-            self.phase = Phase.OFFLINE
+            self._enter(Phase.OFFLINE)
             self._step += 1
             self.outbox.append(StartTraining(self.current, self.base_digest, offline=True))
             return
         if was_offline:
             self._note("online", f"quorum again ({len(self.participants())} members):"
                        f" round {self.current} merges the offline models")
-        self.phase = Phase.TRAINING
+        self._enter(Phase.TRAINING)
         self.outbox.append(StartTraining(self.current, self.base_digest))
 
     def _share_and_average(self) -> None:
@@ -556,7 +331,7 @@ class RoundMachine:
         models = {self.self_key: share}
         models.update((k, v) for k, v in self.shares.items() if k in self.peers)
         self.shares = {}
-        self.phase = Phase.OFFLINE
+        self._enter(Phase.OFFLINE)
         self.deadline = None
         self.outbox.append(Average(self.current, self._step, models))
 
@@ -567,7 +342,7 @@ class RoundMachine:
             if self.phase is not Phase.OFFLINE:
                 self._note("offline", f"{len(self.participants())} of {self.quorum} members"
                            " needed for a round: training and averaging with reachable peers")
-            self.phase = Phase.OFFLINE
+            self._enter(Phase.OFFLINE)
             self._step += 1
             self._share_and_average()
             return
@@ -578,7 +353,7 @@ class RoundMachine:
             self._begin_round(now)
             return
         if agg == self.self_key:
-            self.phase = Phase.COLLECTING
+            self._enter(Phase.COLLECTING)
             self._collect_started[self.current] = now
             for r in [r for r in self._collect_started if r < self.current - 1]:
                 del self._collect_started[r]
@@ -589,7 +364,7 @@ class RoundMachine:
                        f" (attempt {self.attempt})")
             self._check_collect(now)
         else:
-            self.phase = Phase.WAITING_MODEL
+            self._enter(Phase.WAITING_MODEL)
             self.deadline = now + self.timeouts.model
             if self.my_update.attempt != self.attempt:
                 self.my_update = replace(self.my_update, attempt=self.attempt)
@@ -618,7 +393,7 @@ class RoundMachine:
 
     def _aggregate(self, now: float, reason: str) -> None:
         updates = dict(self.updates.get(self.current, {}))
-        self.phase = Phase.AGGREGATING
+        self._enter(Phase.AGGREGATING)
         self.deadline = None
         self._note("aggregate", f"round {self.current}: {len(updates)} updates ({reason})")
         self.outbox.append(Aggregate(self.current, self.attempt, updates))
@@ -637,13 +412,13 @@ class RoundMachine:
             # Everyone live received the same broadcast; assume they are with us.
             view.round = max(view.round, model.round)
         if self._paused:
-            self.phase = Phase.STOPPED
+            self._enter(Phase.STOPPED)
             return
         if not self._started:
             return
         self._begin_round(now)
 
     def _finish(self) -> None:
-        self.phase = Phase.DONE
+        self._enter(Phase.DONE)
         self.deadline = None
         self._note("done", f"completed {self.completed} rounds")

@@ -14,15 +14,15 @@ from node.state import SequenceCounter
 from protocol.errors import ProtocolError
 from protocol.messages import Model, Relay
 from protocol.rounds import Commit, RoundMachine, RoundTimeouts
-from protocol.tensors import weights_digest
+from protocol.tensors import Tensor, weights_digest
 
 from .wire import FED, TS, genesis, identity, weights
 
 
-def core(n: int) -> NodeCore:
+def core(n: int, seed_model: list[Tensor] | None = None) -> NodeCore:
     ident = identity(n)
     machine = RoundMachine(self_key=ident.public_key, federation=FED, rounds_total=5,
-                           genesis=genesis(), timeouts=RoundTimeouts())
+                           genesis=seed_model or genesis(), timeouts=RoundTimeouts())
     return NodeCore(identity=ident, name=f"n{n}", federation=FED, port=7700 + n,
                     machine=machine, seq=SequenceCounter(None), wall_ms=lambda: TS)
 
@@ -54,8 +54,8 @@ def test_a_hello_that_does_not_echo_the_challenge_is_refused():
 
 
 def test_a_hello_from_a_node_with_another_genesis_is_refused():
-    a, b = core(1), core(2)
-    b.machine.genesis_digest = b"\x01" * 32
+    a, b = core(1), core(2, seed_model=weights(9.0))
+    assert b.machine.genesis_digest != a.machine.genesis_digest
     with pytest.raises(ProtocolError, match="genesis"):
         a.accept_hello(bytes(b.hello(b.new_nonce())), None)
 

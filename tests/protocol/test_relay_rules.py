@@ -302,7 +302,8 @@ def test_a_peer_that_restarts_after_being_served_is_served_again():
     a, lag = core(1), core(3)
     link(a, lag)
     model_frame(a)
-    a.machine.completed = 1  # as if a had committed round 1 after lag linked at round 0
+    # as if a had committed round 1 after lag linked at round 0 (model_frame's weights)
+    a.machine.resume(1, weights_digest(weights(1.5)), a.key)
     feed(a, lag, lag.heartbeat("waiting"))
     assert relays(a.take_sends(), lag.key)  # served once
     a.link_down(lag.key, 2.0)

@@ -1,0 +1,231 @@
+"""The state of a round machine, how it is restored and reconfigured, and its views.
+
+``protocol.rounds.RoundMachine`` derives from ``RoundState`` and adds how it reacts to
+what happens; this part holds the fields, checks the values a node restores or changes at
+run time, and answers questions about them (``current``, ``participants()``...).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .actions import Action, Note
+from .deadlines import Deadlines, RoundTimeouts
+from .election import ranking
+from .identity import PUBLIC_KEY_LEN
+from .messages import Delta, Share, Update
+from .phases import Phase, check_transition
+from .tensors import Tensor, weights_digest
+
+#: Peer states (reported in heartbeats) in which a member does not take part in rounds.
+NON_PARTICIPATING = frozenset({"stopped", "done"})
+#: Peer states in which an aggregator publishes nothing in the round: those, and offline.
+NOT_PUBLISHING = NON_PARTICIPATING | {"offline"}
+
+#: Length of a model digest (SHA-256, ``weights_digest``).
+DIGEST_LEN = 32
+
+_DEFAULT_TIMEOUTS = RoundTimeouts()
+
+
+@dataclass
+class PeerView:
+    round: int = 0
+    state: str = "unknown"
+
+
+class RoundState:
+    """The state of a ``RoundMachine``: built by the constructor, changed only by its
+    methods (those here restore a checkpoint or reconfigure it; ``_enter`` changes the
+    phase), and read by anyone through the views."""
+
+    def __init__(
+        self,
+        *,
+        self_key: bytes,
+        federation: str,
+        rounds_total: int,
+        genesis: list[Tensor],
+        wait_peers: int = 0,
+        quorum: int = 1,
+        timeouts: RoundTimeouts = _DEFAULT_TIMEOUTS,
+        completed: int = 0,
+        model_digest: bytes | None = None,
+    ) -> None:
+        if rounds_total < 1:
+            raise ValueError("rounds_total must be >= 1")
+        _check_quorum(quorum)
+        _check_timeouts(timeouts)
+        self.self_key = self_key
+        self.federation = federation
+        self.rounds_total = rounds_total
+        self.wait_peers = wait_peers
+        self.quorum = quorum
+        self.timeouts = timeouts
+        self.deadlines = Deadlines(timeouts)
+        self.spec = [(t.name, t.dtype, t.shape) for t in genesis]
+        self.genesis_digest = weights_digest(genesis)
+        self.completed = completed
+        self.model_digest = model_digest or self.genesis_digest
+        self._phase = Phase.WAITING_START
+        self.peers: dict[bytes, PeerView] = {}
+        self.outbox: list[Action] = []
+        self.aggregator: bytes | None = None
+        self.last_aggregator: bytes | None = None
+        self.excluded: set[bytes] = set()
+        self.my_update: Update | None = None
+        self.updates: dict[int, dict[bytes, Update | Delta]] = {}
+        self.deadline: float | None = None
+        #: Offline: the digest of the averaged model we hold (None: the global one), the
+        #: peers' latest shares for the current round, and offline steps done in all.
+        self.local_digest: bytes | None = None
+        self.shares: dict[bytes, Share] = {}
+        self.offline_steps = 0
+        self._step = 0
+        self._collect_started: dict[int, float] = {}
+        self._started = False
+        self._paused = False
+
+    # -- restoring and reconfiguring ------------------------------------------------
+
+    def resume(self, completed: int, model_digest: bytes, aggregator: bytes | None) -> None:
+        """Restore the last global model from a checkpoint, before ``start``: ``completed``
+        rounds are done, the model of the last one has ``model_digest`` and was published
+        by ``aggregator``. Call it before ``resume_offline`` (that model is trained from
+        this one). ValueError for an impossible checkpoint."""
+        self._check_not_started("resume")
+        if self.local_digest is not None:
+            raise RuntimeError("resume: call it before resume_offline")
+        if (not isinstance(completed, int) or isinstance(completed, bool)
+                or not 0 <= completed <= self.rounds_total):
+            raise ValueError(f"resume: completed must be a round in 0..{self.rounds_total},"
+                             f" not {completed!r}")
+        _check_bytes("resume: model_digest", model_digest, DIGEST_LEN)
+        if aggregator is not None:
+            _check_bytes("resume: aggregator", aggregator, PUBLIC_KEY_LEN)
+        if completed == 0 and (model_digest != self.genesis_digest or aggregator is not None):
+            raise ValueError("resume: round 0 is the genesis model, published by nobody")
+        self.completed = completed
+        self.model_digest = model_digest
+        self.last_aggregator = aggregator
+
+    def resume_offline(self, local_digest: bytes, steps: int) -> None:
+        """Restore our offline model from a checkpoint, before ``start`` (and after
+        ``resume``): the average we held (``local_digest``) after ``steps`` offline steps.
+        ValueError for an impossible checkpoint."""
+        self._check_not_started("resume_offline")
+        _check_bytes("resume_offline: local_digest", local_digest, DIGEST_LEN)
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"resume_offline: steps must be an int >= 1, not {steps!r}")
+        self.local_digest = local_digest
+        self.offline_steps = steps
+
+    def set_timeouts(self, timeouts: RoundTimeouts) -> None:
+        """Use ``timeouts`` from now on (a deadline already armed is kept; the next ones
+        and the adaptive collect deadline follow the new values). TypeError unless it is
+        a RoundTimeouts, ValueError unless every value is finite, ``start`` >= 0 and the
+        others > 0."""
+        _check_timeouts(timeouts)
+        self.timeouts = timeouts
+        self.deadlines.timeouts = timeouts
+
+    def set_quorum(self, quorum: int) -> None:
+        """Need ``quorum`` participating members (this node included) for an elected round
+        from now on. ValueError unless it is an int >= 1."""
+        _check_quorum(quorum)
+        self.quorum = quorum
+
+    def _check_not_started(self, what: str) -> None:
+        if self._started:
+            raise RuntimeError(f"{what}: only before start()")
+
+    # -- views ------------------------------------------------------------------------
+
+    @property
+    def phase(self) -> Phase:
+        """Where this node stands in the current round (read-only: see ``_enter``)."""
+        return self._phase
+
+    @property
+    def current(self) -> int:
+        """The round being worked on (one above the last completed round)."""
+        return self.completed + 1
+
+    @property
+    def attempt(self) -> int:
+        """How many aggregators have failed in the current round."""
+        return len(self.excluded)
+
+    @property
+    def base_digest(self) -> bytes:
+        """The digest of the model we train from: the offline average if we hold one."""
+        return self.local_digest or self.model_digest
+
+    @property
+    def offline(self) -> bool:
+        """True while this node is below quorum, training and averaging on its own."""
+        return self.phase is Phase.OFFLINE
+
+    def members(self) -> set[bytes]:
+        """Live members including this node."""
+        return {self.self_key, *self.peers}
+
+    def participants(self) -> set[bytes]:
+        """Live members expected to send an update this round."""
+        out = {k for k, v in self.peers.items() if v.state not in NON_PARTICIPATING}
+        if not self._paused:
+            out.add(self.self_key)
+        return out
+
+    def has_quorum(self) -> bool:
+        """Whether enough members take part for an elected round."""
+        return len(self.participants()) >= self.quorum
+
+    def elect(self) -> bytes | None:
+        """The aggregator of the current round in this node's view."""
+        candidates = {k for k in self.participants() if k not in self.excluded}
+        ranked = ranking(self.federation, self.current, candidates)
+        return ranked[0] if ranked else None
+
+    def next_deadline(self) -> float | None:
+        """When ``tick`` must next be called (None: no timer)."""
+        return self.deadline
+
+    def take_actions(self) -> list[Action]:
+        """Drain the outbox."""
+        out, self.outbox = self.outbox, []
+        return out
+
+    # -- for the machine --------------------------------------------------------------
+
+    def _enter(self, phase: Phase) -> None:
+        """Move to ``phase``: the only way the phase changes. IllegalTransition unless
+        ``protocol.phases.TRANSITIONS`` allows it from the current phase (a bug here)."""
+        check_transition(self._phase, phase)
+        self._phase = phase
+
+    def _note(self, kind: str, detail: str) -> None:
+        self.outbox.append(Note(kind, detail))
+
+
+def _check_quorum(quorum: int) -> None:
+    if not isinstance(quorum, int) or isinstance(quorum, bool) or quorum < 1:
+        raise ValueError(f"quorum must be an int >= 1, not {quorum!r}")
+
+
+def _check_timeouts(timeouts: RoundTimeouts) -> None:
+    if not isinstance(timeouts, RoundTimeouts):
+        raise TypeError(f"timeouts must be RoundTimeouts, not {type(timeouts).__name__}")
+    for name in ("collect", "model", "start", "floor"):
+        value = getattr(timeouts, name)
+        least = ">= 0" if name == "start" else "> 0"
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value)
+                and (value >= 0 if name == "start" else value > 0)):
+            raise ValueError(f"timeouts.{name} must be a finite number {least}, not {value!r}")
+
+
+def _check_bytes(what: str, value: bytes, length: int) -> None:
+    if not isinstance(value, bytes) or len(value) != length:
+        raise ValueError(f"{what} must be {length} bytes, not {value!r:.80}")
