@@ -39,6 +39,8 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ml.training import EpochRun, check_train_args, run_epochs
+
 LEDGER_FORMAT = "fl-node/privacy-ledger"
 LEDGER_VERSION = 1
 MAX_LEDGER_BYTES = 4 * 1024 * 1024
@@ -387,12 +389,9 @@ def train_local_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs
     must pass ``seed=None`` (fresh OS randomness) or a secret. Noise comes from torch's
     PRNG, not Opacus' ``secure_mode`` CSPRNG (torchcsprng).
     """
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1")
-    if not lr > 0 or not 0 <= momentum < 1:
-        raise ValueError(f"need lr > 0 (got {lr}) and 0 <= momentum < 1 (got {momentum})")
-    if len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"need matching, non-empty data: {len(x)} inputs, {len(y)} labels")
+    check_train_args(x, y, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum)
+    if len(x) == 0:
+        raise ValueError("need non-empty data for DP training")
     noise_multiplier = _positive("noise_multiplier", noise_multiplier)
     max_grad_norm = _positive("max_grad_norm", max_grad_norm)
     _check_delta(delta)
@@ -402,7 +401,7 @@ def train_local_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs
     work = copy.deepcopy(model).train()
     sample_rate, steps_per_epoch = poisson_schedule(len(x), batch_size)
     prior = ledger.history
-    steps, last_total, last_count, stopped = 0, 0.0, 0, False
+    run = EpochRun()
     try:
         loader = DataLoader(TensorDataset(x, y), batch_size=batch_size,
                             generator=_generator(seed, 0, torch.device("cpu")))
@@ -423,35 +422,29 @@ def train_local_dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs
                                    f" steps) differs from poisson_schedule ({sample_rate},"
                                    f" {steps_per_epoch})")
             loss_fn = nn.CrossEntropyLoss()
-            for _ in range(epochs):
-                last_total, last_count = 0.0, 0
-                for xb, yb in dp_loader:
-                    if stop is not None and stop.is_set():
-                        stopped = True
-                        break
-                    xb, yb = xb.to(device), yb.to(device)
-                    dp_optimizer.zero_grad(set_to_none=True)
-                    out = dp_model(xb)
-                    # An empty Poisson batch still takes a (noise-only) step, as the
-                    # accounting assumes; its mean loss would be NaN, so use zero.
-                    loss = loss_fn(out, yb) if len(yb) else out.sum() * 0.0
-                    loss.backward()
-                    dp_optimizer.step()
-                    steps += 1
-                    last_total += float(loss.detach()) * len(yb)
-                    last_count += len(yb)
-                if stopped:
-                    break
+
+            def step(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+                xb, yb = xb.to(device), yb.to(device)
+                dp_optimizer.zero_grad(set_to_none=True)
+                out = dp_model(xb)
+                # An empty Poisson batch still takes a (noise-only) step, as the
+                # accounting assumes; its mean loss would be NaN, so use zero.
+                loss = loss_fn(out, yb) if len(yb) else out.sum() * 0.0
+                loss.backward()
+                dp_optimizer.step()
+                return loss
+
+            run_epochs(epochs, lambda: dp_loader, step, stop, run)
     finally:
         # Spent even if the round failed or was stopped: over-counting is the safe side.
-        if steps:
-            ledger.record(noise_multiplier, sample_rate, steps)
+        if run.steps:
+            ledger.record(noise_multiplier, sample_rate, run.steps)
+    steps = run.steps
     expected = PrivacyLedger(prior + [(noise_multiplier, sample_rate, steps)] if steps else prior)
     if PrivacyLedger(engine.accountant.history) != expected:
         raise RuntimeError(f"Opacus accounted {engine.accountant.history}, expected"
                            f" {expected.history}")
     with torch.no_grad():
         model.load_state_dict(work.state_dict())
-    mean = last_total / last_count if last_count else float("nan")
-    return DPTrainStats(len(x), mean, steps, time.perf_counter() - start, stopped,
+    return DPTrainStats(len(x), run.loss, steps, time.perf_counter() - start, run.stopped,
                         ledger.epsilon(delta), delta, noise_multiplier, sample_rate)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -49,12 +50,7 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
     are when training starts, i.e. the global model the node has just loaded. The
     reported ``loss`` is the cross-entropy alone, comparable with and without the term.
     """
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1")
-    if not lr > 0 or not 0 <= momentum < 1:
-        raise ValueError(f"need lr > 0 (got {lr}) and 0 <= momentum < 1 (got {momentum})")
-    if len(x) != len(y):
-        raise ValueError(f"{len(x)} inputs but {len(y)} labels")
+    check_train_args(x, y, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum)
     if not 0 <= prox_mu < math.inf:
         raise ValueError(f"prox_mu must be a finite number >= 0, got {prox_mu}")
     anchors = _prox_anchors(model, prox_base) if prox_mu > 0 else []
@@ -64,30 +60,69 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(seed)
     n = len(x)
-    steps, last_total, last_count, stopped = 0, 0.0, 0, False
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for idx in torch.randperm(n, generator=gen).split(batch_size):
+            yield x[idx], y[idx]
+
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xb), yb)
+        if anchors:
+            prox = sum(((p - b) ** 2).sum() for p, b in anchors)
+            (loss + prox_mu / 2 * prox).backward()
+        else:
+            loss.backward()
+        opt.step()
+        return loss
+
+    run = run_epochs(epochs, batches, step, stop)
+    return TrainStats(n, run.loss, run.steps, time.perf_counter() - start, run.stopped)
+
+
+def check_train_args(x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
+                     lr: float, momentum: float) -> None:
+    """ValueError unless the training arguments make sense (shared by plain and DP)."""
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1")
+    if not lr > 0 or not 0 <= momentum < 1:
+        raise ValueError(f"need lr > 0 (got {lr}) and 0 <= momentum < 1 (got {momentum})")
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} inputs but {len(y)} labels")
+
+
+@dataclass
+class EpochRun:
+    """What ``run_epochs`` did: optimizer steps taken, the mean loss over the last epoch
+    run (NaN if it saw no example), and whether ``stop`` cut it short."""
+
+    steps: int = 0
+    loss: float = float("nan")
+    stopped: bool = False
+
+
+def run_epochs(epochs: int, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+               step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               stop: threading.Event | None = None, run: EpochRun | None = None) -> EpochRun:
+    """The training loop every trainer shares: ``epochs`` passes over ``batches()`` (a
+    fresh iterable per epoch), one ``step(xb, yb)`` (which returns the batch's mean loss)
+    per batch, ``stop`` checked before every batch. ``run`` is updated as it goes, so a
+    caller that must account for steps taken sees them even if a step raises."""
+    run = run if run is not None else EpochRun()
     for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        last_total, last_count = 0.0, 0
-        for i in range(0, n, batch_size):
+        total, count = 0.0, 0
+        for xb, yb in batches():
             if stop is not None and stop.is_set():
-                stopped = True
+                run.stopped = True
                 break
-            idx = order[i : i + batch_size]
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x[idx]), y[idx])
-            if anchors:
-                prox = sum(((p - b) ** 2).sum() for p, b in anchors)
-                (loss + prox_mu / 2 * prox).backward()
-            else:
-                loss.backward()
-            opt.step()
-            steps += 1
-            last_total += float(loss.detach()) * len(idx)
-            last_count += len(idx)
-        if stopped:
+            loss = step(xb, yb)
+            run.steps += 1
+            total += float(loss.detach()) * len(yb)
+            count += len(yb)
+        run.loss = total / count if count else float("nan")
+        if run.stopped:
             break
-    mean = last_total / last_count if last_count else float("nan")
-    return TrainStats(n, mean, steps, time.perf_counter() - start, stopped)
+    return run
 
 
 def _prox_anchors(model: nn.Module, base: dict[str, torch.Tensor] | None
