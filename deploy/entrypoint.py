@@ -60,7 +60,7 @@ def file_settings(path: str | None) -> dict[str, Any]:
     """The keys set in the TOML file (fl-node reports a bad file itself, so: {} then)."""
     if path is None:
         return {}
-    from node.cli.config import ConfigError, from_toml
+    from node.config import ConfigError, from_toml
 
     try:
         return from_toml(path)

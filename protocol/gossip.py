@@ -1,6 +1,6 @@
 """Gossip primitives: federation-secret proofs, a bounded seen-cache, fan-out choice.
 
-Pure functions and small classes; ``node.core`` uses them to spread what must reach
+Pure functions and small classes; ``node.peers.core`` uses them to spread what must reach
 every member (global models, announcements) and to route updates over relays.
 """
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
@@ -19,7 +17,6 @@ from nacl.signing import SigningKey, VerifyKey
 from .errors import ProtocolError
 
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
-KEY_FILE = "node.key"
 PUBLIC_KEY_LEN = 32
 SIGNATURE_LEN = 64
 
@@ -81,33 +78,10 @@ class Identity:
         """Deterministic identity from a 32-byte seed (tests only)."""
         return cls(SigningKey(seed))
 
-    @classmethod
-    def load_or_create(cls, state_dir: str | os.PathLike[str]) -> Identity:
-        """Load ``state_dir/node.key`` or create it (mode 0600) on first start."""
-        path = Path(state_dir) / KEY_FILE
-        if path.exists():
-            if path.stat().st_mode & 0o077:
-                os.chmod(path, 0o600)  # a private key readable by others: tighten it
-            seed = path.read_bytes()
-            if len(seed) != 32:
-                raise ValueError(f"{path}: corrupt key file ({len(seed)} bytes, expected 32)")
-            return cls(SigningKey(seed))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ident = cls.generate()
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, bytes(ident.signing_key))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        return ident
+    @property
+    def seed(self) -> bytes:
+        """The 32-byte private seed (what a key file holds)."""
+        return bytes(self.signing_key)
 
 
 def verify(public_key: bytes, message: bytes, signature: bytes) -> None:

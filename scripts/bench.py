@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node.cli.demo import get_json, node_command, stop_processes, wait_endpoint  # noqa: E402
-from node.runtime.weights import to_tensors  # noqa: E402
+from node.common.weights import to_tensors  # noqa: E402
 from protocol.envelope import decode, encode  # noqa: E402
 from protocol.identity import Identity  # noqa: E402
 from protocol.messages import Update  # noqa: E402
@@ -95,7 +95,7 @@ def bench_demo(nodes: int, rounds: int) -> None:
     print(f"  training (slowest member) mean {statistics.mean(trains):.3f} s")
     print(f"  protocol overhead mean {statistics.mean(overheads):.3f} s ="
           f" {statistics.mean(overheads) / statistics.mean(walls):.1%} of the round"
-          f" (median {statistics.median([o / w for o, w in zip(overheads, walls)]):.1%})")
+          f" (median {statistics.median([o / w for o, w in zip(overheads, walls, strict=True)]):.1%})")
     print(f"  raw model size {raw} bytes; update frame {max(update_sizes)} bytes"
           f" (+{max(update_sizes) / raw - 1:.2%}); model frame {max(model_sizes)} bytes"
           f" (+{max(model_sizes) / raw - 1:.2%})")

@@ -25,7 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.runtime.compress import (  # noqa: E402
+from ml.datasets import load_dataset  # noqa: E402
+from ml.models import build_model  # noqa: E402
+from ml.partition import partition_indices  # noqa: E402
+from ml.strategies import fedavg  # noqa: E402
+from ml.training import evaluate, train_local  # noqa: E402
+from ml.weights import get_weights, set_weights  # noqa: E402
+from node.common.compress import (  # noqa: E402
     ErrorFeedback,
     apply_delta,
     parse_codec,
@@ -33,12 +39,6 @@ from node.runtime.compress import (  # noqa: E402
     spec_of,
     weights_delta,
 )
-from ml.datasets import load_dataset  # noqa: E402
-from ml.models import build_model  # noqa: E402
-from ml.partition import partition_indices  # noqa: E402
-from ml.strategies import fedavg  # noqa: E402
-from ml.training import evaluate, train_local  # noqa: E402
-from ml.weights import get_weights, set_weights  # noqa: E402
 
 #: (codec, error feedback) per table row.
 MODES = [("none", False), ("fp16", False), ("int8", False), ("topk:0.1", True),

@@ -17,8 +17,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from node.common.weights import to_tensors  # noqa: E402
 from node.runtime.checkpoints import CheckpointStore  # noqa: E402
-from node.runtime.weights import to_tensors  # noqa: E402
 from protocol.election import elect  # noqa: E402
 from protocol.envelope import encode  # noqa: E402
 from protocol.identity import Identity  # noqa: E402

@@ -168,7 +168,7 @@ def broadcast(sim: Simulation, probe: Probe, origin: int) -> Result:
         shortest={i: ttl - left + 1 for i, left in probe.best.items() if i != origin},
         processed=sum(probe.fid in n.core.seen for n in sim.nodes if n.index != origin),
         sent=probe.sent, traffic=len(traffic),
-        rejected=[r for n, r0 in zip(sim.nodes, rejected0) for r in n.rejected[r0:]],
+        rejected=[r for n, r0 in zip(sim.nodes, rejected0, strict=True) for r in n.rejected[r0:]],
         duration=max((t for _, t in probe.first.values()), default=t0) - t0,
         why={i: Counter(_fate(probe, j.index, origin) for j in sim._linked(sim.nodes[i]))
              for i in range(len(sim.nodes)) if i != origin and i not in hops},

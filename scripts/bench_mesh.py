@@ -58,7 +58,7 @@ def main() -> None:
     print(f"  of which process start-up until the API answers (Python + torch import):"
           f" median {statistics.median(up):.2f} s")
     print(f"  discovery + handshakes after start-up: median"
-          f" {statistics.median([m - u for m, u in zip(mesh, up)]):.2f} s")
+          f" {statistics.median([m - u for m, u in zip(mesh, up, strict=True)]):.2f} s")
 
 
 if __name__ == "__main__":

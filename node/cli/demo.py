@@ -17,19 +17,20 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-DEMO_DEFAULTS = {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "rounds": 5}
+from node.common.endpoint import read_endpoint
+
+DEMO_DEFAULTS: dict[str, Any] = {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "rounds": 5}
 
 
 def wait_endpoint(state_dir: Path, proc: subprocess.Popen[bytes], timeout: float = 120.0
                   ) -> dict[str, Any]:
     """Wait until a started node has written its endpoint file; return it."""
-    path = state_dir / "endpoint.json"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"node in {state_dir} exited with {proc.returncode}")
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            data = json.loads(path.read_text())
+        with contextlib.suppress(OSError, ValueError):
+            data = read_endpoint(state_dir)
             if data.get("pid") == proc.pid:
                 return data
         time.sleep(0.1)
@@ -82,7 +83,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return 2
     keys = ("dataset", "data_dir", "download", "model", "partition", "alpha", "seed", "rounds",
             "local_epochs", "batch_size", "lr", "round_timeout", "log_level")
-    opts = {k: getattr(args, k, None) for k in keys}
+    opts: dict[str, Any] = {k: getattr(args, k, None) for k in keys}
     for k, v in DEMO_DEFAULTS.items():
         if opts.get(k) is None:
             opts[k] = v

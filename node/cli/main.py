@@ -15,7 +15,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from node.cli.config import (
+from node.common.endpoint import endpoint_url, read_endpoint
+from node.config import (
     DATASETS,
     LOG_LEVELS,
     PARTITIONS,
@@ -208,7 +209,7 @@ def _local_node_options(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def _state_dir(args: argparse.Namespace) -> str:
-    from node.cli.config import default_state_dir
+    from node.config import default_state_dir
 
     return args.state_dir or default_state_dir(args.name)
 
@@ -254,8 +255,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     from ml.learner import TorchLearner
     from ml.privacy import DPConfig
     from ml.strategies import parse_strategy
-
-    from node.runtime.supervisor import Node, install_signal_handlers
+    from node.runtime.build import build_node
+    from node.runtime.supervisor import NodeFailed, install_signal_handlers
 
     torch.set_num_threads(1)
     try:
@@ -279,7 +280,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     try:
-        node = Node(config, learner)
+        node = build_node(config, learner)
     except (ValueError, OSError) as exc:  # corrupt trust store, unreadable secret, ...
         print(f"fl-node start: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -288,7 +289,11 @@ def cmd_start(args: argparse.Namespace) -> int:
         install_signal_handlers(node)
         await node.run()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except NodeFailed as exc:
+        print(f"fl-node start: stopped: {exc.reason}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -298,11 +303,10 @@ def _start_with_tui(config: Any) -> int:
     import subprocess
     import time as _time
 
-    from node.runtime.state import load_or_create_api_token
+    from node.common.state import load_or_create_api_token
 
     state_dir = Path(config.resolved_state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    endpoint = state_dir / "endpoint.json"
     argv = [a for a in sys.argv[1:] if a != "--tui"]
     if not config.log_file:
         argv += ["--log-file", str(state_dir / "node.log")]
@@ -326,7 +330,7 @@ def _start_with_tui(config: Any) -> int:
                       f" {config.log_file or state_dir / 'node.log'}", file=sys.stderr)
                 return child.returncode or 1
             try:
-                info = json.loads(endpoint.read_text())
+                info = read_endpoint(state_dir)
                 if info.get("pid") == child.pid:
                     break
             except (OSError, ValueError):
@@ -337,9 +341,7 @@ def _start_with_tui(config: Any) -> int:
             _time.sleep(0.1)
         from tui.app import run_tui
 
-        host = "127.0.0.1" if info.get("web_host") in ("0.0.0.0", "::", "") else (
-            info.get("web_host", "127.0.0.1"))
-        return run_tui(f"http://{host}:{info['web_port']}", load_or_create_api_token(state_dir))
+        return run_tui(endpoint_url(info), load_or_create_api_token(state_dir))
     finally:
         if child.poll() is None:
             child.terminate()
@@ -365,7 +367,7 @@ def load_plugins(modules: tuple[str, ...]) -> None:
 
 def cmd_token(args: argparse.Namespace) -> int:
     """Print the API token of the local node (made on first use, mode 0600)."""
-    from node.runtime.state import load_or_create_api_token
+    from node.common.state import load_or_create_api_token
 
     print(load_or_create_api_token(Path(_state_dir(args))))
     return 0
@@ -416,14 +418,12 @@ class _LocalNode:
     def __init__(self, state_dir: str) -> None:
         self.dir = Path(state_dir)
         try:
-            endpoint = json.loads((self.dir / "endpoint.json").read_text())
+            endpoint = read_endpoint(self.dir)
             self.token = (self.dir / "api.token").read_text().strip()
         except (OSError, ValueError):
             raise RuntimeError(f"no running node with state dir {state_dir} (start it with"
                                " `fl-node start`)") from None
-        host = endpoint.get("web_host", "127.0.0.1")
-        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-        self.base = f"http://{host}:{endpoint['web_port']}"
+        self.base = endpoint_url(endpoint)
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -444,7 +444,7 @@ class _LocalNode:
 
 def cmd_pair(args: argparse.Namespace) -> int:
     """Show a pairing code, pair with a code, list or remove paired nodes."""
-    from node.cli.config import default_state_dir
+    from node.config import default_state_dir
     from node.trust.pairing import qr_png, qr_text
 
     state_dir = args.state_dir or default_state_dir(args.name)

@@ -2,8 +2,8 @@
 
 ``NodeCore`` turns frames from links into round-machine inputs, and the machine's
 messages into frames for links (``take_sends``). It does no I/O itself: the asyncio
-daemon (node.runtime.supervisor) and the in-memory simulation (node.runtime.sim) drive the same core, so what
-the simulation tests is what runs.
+daemon (node.runtime.supervisor) and the in-memory simulation (node.runtime.sim) drive
+the same core, so what the simulation tests is what runs.
 
 Trust: a key is trusted when it is in the trust store (pairing), pinned by the operator
 (``--peer KEY@HOST:PORT``), proves the federation secret, or when the node runs ``--open``.
@@ -18,26 +18,24 @@ through a neighbour that announces a link to it, or gossiped towards it.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
 
-import numpy as np
-
+from node.common.compress import decode_delta
+from node.common.state import SequenceCounter
+from node.peers.membership import PeerTable
+from node.peers.peerstats import Counters, PeerStats
+from node.trust.policy import TrustPolicy
 from protocol.envelope import DEFAULT_MAX_MESSAGE_SIZE, Envelope, ReplayGuard, decode, encode
 from protocol.errors import ProtocolError
 from protocol.gossip import (
     DEFAULT_FANOUT,
     DEFAULT_TTL,
     SeenCache,
-    check_federation_proof,
     choose_fanout,
-    federation_credential,
     federation_proof,
     frame_id,
 )
@@ -56,79 +54,10 @@ from protocol.messages import (
 )
 from protocol.rounds import RoundMachine
 
-from node.runtime.compress import parse_codec
-from node.runtime.state import SequenceCounter
-from node.runtime.weights import from_tensors
-
 log = logging.getLogger(__name__)
 
 #: Bytes a relay adds around the frame it carries (envelope fields, ttl, to, headers).
 RELAY_OVERHEAD = 1024
-
-
-class TrustSource(Protocol):
-    """What the core needs of a trust store."""
-
-    def is_trusted(self, public_key: bytes) -> bool: ...
-
-
-@dataclass
-class TrustPolicy:
-    """How this node decides whom to trust (see module docstring)."""
-
-    store: TrustSource | None = None
-    federation_key: bytes | None = None
-    open: bool = False
-    pinned: set[bytes] = field(default_factory=set)
-    pinned_ids: set[str] = field(default_factory=set)
-
-    def static(self, key: bytes) -> str | None:
-        """The reason ``key`` is trusted without any proof, or None."""
-        if key in self.pinned or (self.pinned_ids and node_id_from_key(key) in self.pinned_ids):
-            return "pinned"
-        if self.store is not None and self.store.is_trusted(key):
-            return "paired"
-        if self.open:
-            return "open"
-        return None
-
-
-@dataclass
-class PeerStats:
-    """What this node knows about one key it has heard of."""
-
-    name: str
-    address: str = ""
-    addresses: tuple[str, ...] = ()
-    rounds: int = 0
-    state: str = "unknown"
-    last_seen: float = 0.0
-    rtt_ms: float | None = None
-    rejected: int = 0
-    messages: int = 0
-    trusted: bool = False
-    trust: str = ""
-    direct: bool = False
-    link_down_at: float = 0.0
-    last_announce: float = -1.0
-    links: tuple[bytes, ...] = ()
-    discovered: bool = False
-    member: bool = False
-    served_round: int = -1
-
-
-@dataclass
-class Counters:
-    """Traffic totals, for status and benchmarks."""
-
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    messages_sent: int = 0
-    messages_received: int = 0
-    rejected: int = 0
-    duplicates: int = 0
-    relayed: int = 0
-    rejected_reasons: dict[str, int] = field(default_factory=dict)
 
 
 class NodeCore:
@@ -162,15 +91,16 @@ class NodeCore:
         self.wall_ms = wall_ms
         self.fanout = fanout
         self.ttl = ttl
-        self.member_timeout = member_timeout
         self.rng = rng or random.Random()
         self.replay = ReplayGuard()
         #: Frames processed, and frames forwarded (a model first received directly may
         #: still need forwarding when its relayed copy arrives).
         self.seen = SeenCache()
         self.forwarded = SeenCache()
-        self.known: dict[bytes, PeerStats] = {}
-        self.links: set[bytes] = set()
+        #: Who we know of, who is linked, who is a member (node.peers.membership).
+        self.peers = PeerTable(machine, self.trust, member_timeout)
+        self.known: dict[bytes, PeerStats] = self.peers.known
+        self.links: set[bytes] = self.peers.links
         self.addresses: tuple[str, ...] = ()
         self.counters = Counters()
         self._sends: list[tuple[bytes, bytes | bytearray]] = []
@@ -179,10 +109,7 @@ class NodeCore:
         #: Its aggregator: when that one goes down, we re-serve its model to our links
         #: (it may have died having sent it to only some of us).
         self.latest_model_aggregator: bytes | None = None
-        self._credential = (
-            federation_credential(self.trust.federation_key, federation, identity.public_key)
-            if self.trust.federation_key else b""
-        )
+        self._credential = self.trust.credential(federation, identity.public_key)
 
     @property
     def key(self) -> bytes:
@@ -336,67 +263,20 @@ class NodeCore:
         return env, msg
 
     def admit(self, key: bytes, hello: Hello, our_nonce: bytes) -> str | None:
-        """Why ``key`` is trusted after a handshake (None: it is not).
-
-        ``hello`` is the peer's hello that answered ``our_nonce``; its federation proof, if
-        any, must be bound to that challenge.
-        """
-        reason = self.trust.static(key)
-        if reason:
-            return reason
-        fed_key = self.trust.federation_key
-        if fed_key and check_federation_proof(fed_key, self.federation, key, our_nonce,
-                                              hello.proof):
-            return "federation-secret"
-        return None
-
-    def _trusted_by_credential(self, key: bytes, credential: bytes) -> str | None:
-        reason = self.trust.static(key)
-        if reason:
-            return reason
-        fed_key = self.trust.federation_key
-        if fed_key and credential and hmac.compare_digest(credential, federation_credential(
-                fed_key, self.federation, key)):
-            return "federation-secret"
-        return None
-
-    def stats(self, key: bytes, name: str = "") -> PeerStats:
-        """The record of ``key`` (created on first sight)."""
-        st = self.known.get(key)
-        if st is None:
-            st = self.known[key] = PeerStats(name=name or node_id_from_key(key)[:9])
-        return st
-
-    def note_untrusted(self, key: bytes, name: str, address: str, now: float) -> None:
-        """A node completed a handshake (or was discovered) but is not trusted."""
-        st = self.stats(key, name)
-        st.name = name or st.name
-        st.address = address or st.address
-        st.last_seen = now
+        """Why ``key`` is trusted after a handshake (None: it is not); ``hello`` is its
+        hello that answered ``our_nonce`` (node.trust.policy)."""
+        return self.trust.admit(self.federation, key, hello.proof, our_nonce)
 
     def link_up(self, key: bytes, hello: Hello, address: str, trust: str, now: float) -> None:
         """A trusted peer's link is up (handshake and admission done)."""
-        st = self.stats(key, hello.name)
-        st.name, st.address, st.rounds = hello.name, address, hello.round
-        st.state, st.last_seen = "connected", now
-        st.trusted, st.trust, st.direct = True, trust, True
-        st.served_round = -1  # a new link: the peer may have restarted and lost the model
-        self.links.add(key)
-        self._set_member(key, True, now)
+        self.peers.up(key, hello.name, hello.round, address, trust, now)
         # A peer that is behind gets the signed global model we hold (catch-up).
         if hello.round < self.machine.completed:
             self.serve_model(key)
 
     def link_down(self, key: bytes, now: float) -> None:
-        """A peer's link went down. It stays a member only if announcements heard after
-        this moment show it is still reachable through others."""
-        self.links.discard(key)
-        st = self.known.get(key)
-        if st is None:
-            return
-        st.direct = False
-        st.link_down_at = now
-        self._set_member(key, self._reachable(key, now), now)
+        """A peer's link went down (it may stay a member through relays)."""
+        self.peers.down(key, now)
         if key == self.latest_model_aggregator:
             # The aggregator of the model we hold is gone: if it died sending it, the
             # peers it did not reach get it from us (once per round and link).
@@ -404,40 +284,9 @@ class NodeCore:
             for link in sorted(self.links):
                 self.serve_model(link)
 
-    def _reachable(self, key: bytes, now: float) -> bool:
-        st = self.known.get(key)
-        if st is None or not st.trusted:
-            return False
-        if key in self.links:
-            return True
-        return st.last_announce > st.link_down_at and now - st.last_announce <= self.member_timeout
-
-    def _set_member(self, key: bytes, live: bool, now: float) -> None:
-        st = self.stats(key)
-        if live and not st.member:
-            st.member = True
-            self.machine.peer_up(key, now, round=st.rounds, state=st.state)
-        elif not live and st.member:
-            st.member = False
-            self.machine.peer_down(key, now)
-
     def tick(self, now: float) -> None:
         """Expire relayed members whose announcements stopped."""
-        for key, st in list(self.known.items()):
-            if st.member and key not in self.links and not self._reachable(key, now):
-                self._set_member(key, False, now)
-
-    def peer_state(self, key: bytes, now: float) -> str:
-        """connected, relayed, suspect, gone, or untrusted, for status."""
-        st = self.known[key]
-        if not st.trusted:
-            return "untrusted"
-        if key in self.links:
-            return "connected"
-        if st.member:
-            age = now - st.last_announce
-            return "relayed" if age <= self.member_timeout / 2 else "suspect"
-        return "gone"
+        self.peers.expire(now)
 
     # -- incoming ---------------------------------------------------------------------
 
@@ -493,7 +342,7 @@ class NodeCore:
             self._on_announce(env.sender, msg, now)
         elif isinstance(msg, Update | Delta):
             if isinstance(msg, Delta):
-                self.check_delta(msg)
+                decode_delta(msg, self.machine.spec)
             if st is None or not st.member:
                 raise ProtocolError(f"update from {node_id_from_key(env.sender)},"
                                     " not a member")
@@ -528,16 +377,6 @@ class NodeCore:
         else:
             raise ProtocolError(f"{env.type} is not accepted on a peer link")
 
-    def check_delta(self, delta: Delta) -> dict[str, np.ndarray]:
-        """Decode a compressed update against the federation's tensors (ProtocolError if it
-        is malformed): the dense difference to its base model."""
-        try:
-            codec = parse_codec(delta.codec)
-            spec = {name: (dtype, shape) for name, dtype, shape in self.machine.spec}
-            return codec.decode(from_tensors(delta.weights), spec)
-        except ValueError as exc:
-            raise ProtocolError(f"delta: {exc}") from None
-
     def _serve_late(self, key: bytes) -> None:
         """A late update proves its sender lacks our model (it may have deferred it while
         below quorum): serve it again, whatever was served before. A member sends at most
@@ -555,14 +394,14 @@ class NodeCore:
             self.send_to(key, frame)
 
     def _on_announce(self, sender: bytes, msg: Announce, now: float) -> None:
-        trust = self._trusted_by_credential(sender, msg.credential)
+        trust = self.trust.by_credential(self.federation, sender, msg.credential)
         if trust is None:
             # Someone our neighbour trusts and we do not (pairing is pairwise): not an
             # error of the neighbour's, so nothing is counted against its link.
-            self.note_untrusted(sender, msg.name, msg.addresses[0] if msg.addresses else "",
+            self.peers.note_untrusted(sender, msg.name, msg.addresses[0] if msg.addresses else "",
                                 now)
             return
-        st = self.stats(sender, msg.name)
+        st = self.peers.stats(sender, msg.name)
         st.name, st.addresses, st.links = msg.name, msg.addresses, msg.links
         st.rounds, st.state = msg.round, msg.state
         st.last_announce, st.last_seen = now, now
@@ -570,7 +409,7 @@ class NodeCore:
             st.trusted, st.trust = True, trust
         if sender not in self.links and not st.address and msg.addresses:
             st.address = msg.addresses[0]
-        self._set_member(sender, self._reachable(sender, now), now)
+        self.peers.set_member(sender, self.peers.reachable(sender, now), now)
         if st.member:
             self.machine.peer_status(sender, now, round=msg.round, state=msg.state)
             if sender in self.links and msg.round < self.machine.completed:

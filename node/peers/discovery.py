@@ -24,27 +24,50 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from node.config import NodeConfig
 from protocol.envelope import PROTOCOL_VERSION
 from protocol.identity import node_id_from_key
 
-if TYPE_CHECKING:
-    from node.runtime.supervisor import Node
+
+class DiscoveryHost(Protocol):
+    """What discovery needs of a node (node.runtime.supervisor.Node provides it)."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def public_key(self) -> bytes: ...
+
+    @property
+    def config(self) -> NodeConfig: ...
+
+    @property
+    def peer_port(self) -> int: ...
+
+    @property
+    def addresses(self) -> tuple[str, ...]: ...
+
+    def dial(self, address: str, key: bytes | str | None = None) -> None: ...
+
+    def undial(self, address: str, key: bytes | str | None = None) -> None: ...
+
+    def discovered(self, key: bytes, name: str, address: str) -> None: ...
 
 log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_fl-node._tcp.local."
 
 
-def txt_records(node: Node) -> dict[str, str]:
+def txt_records(node: DiscoveryHost) -> dict[str, str]:
     """The TXT records this node publishes."""
     return {
         "id": node.node_id,
-        "key": base64.urlsafe_b64encode(node.identity.public_key).rstrip(b"=").decode(),
+        "key": base64.urlsafe_b64encode(node.public_key).rstrip(b"=").decode(),
         "fed": node.config.federation,
         "v": str(PROTOCOL_VERSION),
         "port": str(node.peer_port),
@@ -75,7 +98,7 @@ def key_from_txt(txt: dict[str, str]) -> bytes | None:
 class Discovery:
     """Registers this node and dials the members of its federation that appear."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: DiscoveryHost) -> None:
         self.node = node
         self._events: asyncio.Queue[tuple[ServiceStateChange, str]] = asyncio.Queue()
         self._addresses: dict[str, tuple[str, bytes]] = {}
@@ -85,7 +108,7 @@ class Discovery:
 
     def _own_addresses(self) -> list[bytes]:
         ifaces = self.node.config.mdns_interfaces
-        hosts = list(ifaces) if ifaces else [a.rsplit(":", 1)[0] for a in self.node.core.addresses]
+        hosts = list(ifaces) if ifaces else [a.rsplit(":", 1)[0] for a in self.node.addresses]
         out = []
         for h in hosts:
             with contextlib.suppress(ValueError):
@@ -155,10 +178,6 @@ class Discovery:
         if old:
             self.node.undial(*old)
         self._addresses[name] = (address, key)
-        st = self.node.core.stats(key, txt.get("name", ""))
-        st.discovered = True
-        st.address = st.address or address
-        if not st.trusted:
-            st.trusted = self.node.trust.static(key) is not None
+        self.node.discovered(key, txt.get("name", ""), address)
         log.info("mDNS: found %s (%s) at %s", txt.get("name"), txt.get("id"), address)
         self.node.dial(address, key)

@@ -15,17 +15,18 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import aiohttp
 from aiohttp import WSMsgType, web
 
+from node.common.health import Health
+from node.common.wsclose import CLOSE_GRACE, AnyWebSocket, close_ws
+from node.peers.core import NodeCore
 from protocol.envelope import Envelope
 from protocol.errors import ProtocolError
 from protocol.identity import node_id_from_key
 from protocol.messages import Hello
-
-from node.peers.core import NodeCore
-from node.common.wsclose import CLOSE_GRACE, AnyWebSocket, close_ws
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,11 @@ class PeerTransport:
         on_frame: FrameHandler,
         on_link_up: Callable[[Link, Hello, str], None],
         on_link_down: Callable[[Link], None],
+        health: Health | None = None,
     ) -> None:
         self.core = core
+        #: Where unexpected failures of dialers are reported (node.common.health).
+        self.health = health or Health()
         self.on_frame = on_frame
         self.on_link_up = on_link_up
         self.on_link_down = on_link_down
@@ -77,9 +81,7 @@ class PeerTransport:
         self._up: set[bytes] = set()
         self.address_keys: dict[str, bytes] = {}
         self._changed = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
-        self.port = 0
         #: Seconds without any frame after which a link is considered dead.
         self.idle_timeout = 10.0
 
@@ -103,7 +105,7 @@ class PeerTransport:
                 first = await self._receive_frame(ws)
                 env, hello = self.core.accept_hello(first, None)
                 our_nonce = self.core.new_nonce()
-                await ws.send_bytes(self.core.hello(our_nonce, echo=hello.nonce))
+                await ws.send_bytes(_wire(self.core.hello(our_nonce, echo=hello.nonce)))
                 third = await self._receive_frame(ws)
                 env3, hello3 = self.core.accept_hello(third, our_nonce)
                 if env3.sender != env.sender:
@@ -127,7 +129,7 @@ class PeerTransport:
     def _untrusted(self, key: bytes, hello: Hello, address: str) -> None:
         log.info("peer %s (%s) at %s is not trusted (no pairing, federation secret or"
                  " --open): no model traffic", hello.name, node_id_from_key(key), address)
-        self.core.note_untrusted(key, hello.name, address, now())
+        self.core.peers.note_untrusted(key, hello.name, address, now())
 
     # -- client -----------------------------------------------------------------------
 
@@ -162,9 +164,11 @@ class PeerTransport:
                     log.warning("handshake with %s failed: %s", address, reason)
                     self.core.reject(None, reason)
                     delay = max(delay, 30.0)  # an impostor or a stranger: do not hammer
-            except Exception:  # noqa: BLE001 (a bug must not end the dialing for good)
-                log.exception("link to %s failed", address)
+            except Exception as exc:  # noqa: BLE001 (a bug must not end the dialing for good)
+                self.health.failed(f"link to {address}", exc, action="retrying in 5 s")
                 delay = max(delay, 5.0)
+            else:
+                self.health.recovered(f"link to {address}")
             await asyncio.sleep(delay)
             if delay < 5.0:
                 delay = min(delay * 2, 5.0)
@@ -181,14 +185,14 @@ class PeerTransport:
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 our_nonce = self.core.new_nonce()
-                await ws.send_bytes(self.core.hello(our_nonce))
+                await ws.send_bytes(_wire(self.core.hello(our_nonce)))
                 reply = await self._receive_frame(ws)
                 env, hello = self.core.accept_hello(reply, our_nonce)
                 if expected is not None and not expected(env.sender):
                     raise ProtocolError(f"{address} answered with key"
                                         f" {node_id_from_key(env.sender)}, not the expected"
                                         " one: dropped as an impostor")
-                await ws.send_bytes(self.core.hello(self.core.new_nonce(), echo=hello.nonce))
+                await ws.send_bytes(_wire(self.core.hello(self.core.new_nonce(), echo=hello.nonce)))
         except BaseException:
             await close_ws(ws)
             raise
@@ -310,7 +314,7 @@ class PeerTransport:
         try:
             while True:
                 frame = await link.outbox.get()
-                await link.ws.send_bytes(frame)
+                await link.ws.send_bytes(_wire(frame))
                 self.core.counters.bytes_sent += len(frame)
                 self.core.counters.messages_sent += 1
         except (ConnectionError, aiohttp.ClientError) as exc:
@@ -349,6 +353,12 @@ class PeerTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _wire(frame: bytes | bytearray) -> bytes:
+    """``frame`` for aiohttp's ``send_bytes``, without a copy: it writes any bytes-like
+    object (its annotation says ``bytes``), and frames are signed into bytearrays."""
+    return cast(bytes, frame)
 
 
 def now() -> float:

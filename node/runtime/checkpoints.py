@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.runtime.state import atomic_write
+from node.common.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class NodeDB:
         """Every recorded round, in order."""
         with self._lock:
             cur = self._db.execute(f"SELECT {', '.join(ROUND_FIELDS)} FROM rounds ORDER BY round")
-            return [dict(zip(ROUND_FIELDS, r)) for r in cur.fetchall()]
+            return [dict(zip(ROUND_FIELDS, r, strict=True)) for r in cur.fetchall()]
 
     def event(self, kind: str, detail: str) -> None:
         """Append an event."""

@@ -16,20 +16,32 @@ Weights = dict[str, np.ndarray]
 
 
 class TrainResultLike(Protocol):
-    """What ``Learner.train`` returns."""
+    """What ``Learner.train`` returns (read-only: frozen dataclasses fit)."""
 
-    weights: Weights
-    num_examples: int
-    loss: float
-    seconds: float
+    @property
+    def weights(self) -> Weights: ...
+
+    @property
+    def num_examples(self) -> int: ...
+
+    @property
+    def loss(self) -> float: ...
+
+    @property
+    def seconds(self) -> float: ...
 
 
 class EvalResultLike(Protocol):
-    """What ``Learner.evaluate`` returns."""
+    """What ``Learner.evaluate`` returns (read-only)."""
 
-    loss: float
-    accuracy: float
-    num_examples: int
+    @property
+    def loss(self) -> float: ...
+
+    @property
+    def accuracy(self) -> float: ...
+
+    @property
+    def num_examples(self) -> int: ...
 
 
 class Learner(Protocol):

@@ -1,13 +1,17 @@
 """Many nodes in one process: an in-memory network with a fake clock.
 
-Each simulated node is a real ``NodeCore`` (real keys, signed envelopes, replay guard,
-round machine); only the sockets, threads and wall clock are replaced, by an event queue
-in simulated seconds. Training is a deterministic vector update, so a 50-node, 100-round
-run takes seconds and behaves the same way every time for a given seed.
+Each simulated node runs the daemon's own code: a real ``NodeCore`` (real keys, signed
+envelopes, replay guard, round machine) and the real ``Executor`` (job order, guards,
+compression, checkpoints, evaluation records, budget stops). Only I/O is replaced: sockets
+by an event queue in simulated seconds, the worker thread by running each blocking call at
+once and resuming its job after a simulated duration, the disk by an in-memory checkpoint
+store (node.runtime.simparts), and training by a deterministic vector update. So a
+50-node, 100-round run takes seconds and behaves the same way every time for a seed.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import itertools
@@ -17,71 +21,54 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from node.common.compress import parse_codec
+from node.common.health import Health
+from node.common.state import SequenceCounter
+from node.common.weights import to_tensors
+from node.peers.core import NodeCore
+from node.runtime.executor import Executor, QueuedJob, advance, run_now
+from node.runtime.restore import restore
+from node.runtime.simparts import MemoryCheckpoints, MemoryLog, SimEvents, VectorLearner
+from node.trust.policy import TrustPolicy
 from protocol.errors import ProtocolError
-from protocol.identity import Identity
-from protocol.envelope import decode
 from protocol.gossip import federation_key
-from protocol.messages import Model
-from protocol.rounds import (
-    Aggregate,
-    Average,
-    Commit,
-    Note,
-    PublishModel,
-    RoundMachine,
-    RoundTimeouts,
-    SendUpdate,
-    ShareModel,
-    StartTraining,
-)
-from protocol.tensors import weights_digest
-
-from node.peers.core import NodeCore, TrustPolicy
-from node.runtime.state import SequenceCounter
-from node.runtime.weights import from_tensors, to_tensors
+from protocol.identity import Identity
+from protocol.rounds import PublishModel, RoundMachine, RoundTimeouts
 
 FEDERATION = "sim"
+#: Simulated seconds a blocking call of each kind takes (training: ``train_time``).
+COSTS = {"aggregate": 0.01}
 
 
-class VectorLearner:
-    """A stand-in learner: each node pulls the model towards its own target vector."""
+@dataclass(frozen=True)
+class SimParams:
+    """What every node of one simulation shares."""
 
-    def __init__(self, index: int, size: int = 8, num_examples: int = 100) -> None:
-        rng = np.random.default_rng(index)
-        self.target = rng.normal(size=size).astype(np.float32)
-        self.size = size
-        self.num_examples = num_examples
-
-    def initial_weights(self) -> dict[str, np.ndarray]:
-        return {"w": np.zeros(self.size, np.float32), "b": np.zeros(2, np.float32)}
-
-    def train(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        w = weights["w"] + 0.5 * (self.target - weights["w"])
-        return {"w": w.astype(np.float32), "b": (weights["b"] + 1).astype(np.float32)}
-
-    @staticmethod
-    def aggregate(updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
-        total = sum(n for _, n in updates)
-        return {
-            k: (sum(w[k].astype(np.float64) * n for w, n in updates) / total).astype(np.float32)
-            for k in updates[0][0]
-        }
+    rounds: int
+    timeouts: RoundTimeouts
+    fanout: int
+    fed_key: bytes
+    seed: int
+    wait_peers: int
+    quorum: int
+    compress: str
 
 
 @dataclass
 class SimNode:
-    """One simulated node: its core, learner, current weights and what it committed."""
+    """One simulated node: its core, executor, learner, disk and what it saw."""
 
     index: int
     core: NodeCore
+    executor: Executor
     learner: VectorLearner
-    weights: dict[str, np.ndarray]
+    store: MemoryCheckpoints
+    events: SimEvents
+    health: Health
     alive: bool = True
-    commits: dict[int, bytes] = field(default_factory=dict)
+    busy: bool = False
     aggregated: dict[int, bytes] = field(default_factory=dict)
-    notes: list[tuple[float, str, str]] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
-    offline_steps: int = 0
     epoch: int = 0  # bumped on crash so stale scheduled work is dropped
     #: When set, the node's next published model reaches only this many links, then the
     #: node crashes (an aggregator dying halfway through sending the model).
@@ -90,6 +77,23 @@ class SimNode:
     @property
     def key(self) -> bytes:
         return self.core.key
+
+    @property
+    def weights(self) -> dict[str, np.ndarray]:
+        return self.executor.weights
+
+    @property
+    def commits(self) -> dict[int, bytes]:
+        """Round -> digest of every model this node applied (restarts included)."""
+        return self.events.commits
+
+    @property
+    def notes(self) -> list[tuple[float, str, str]]:
+        return self.events.notes
+
+    @property
+    def offline_steps(self) -> int:
+        return self.core.machine.offline_steps
 
 
 class Simulation:
@@ -110,12 +114,13 @@ class Simulation:
         announce_interval: float = 2.0,
         secret: bytes = b"simulated federation secret",
         heartbeat_interval: float | None = None,
+        compress: str = "none",
+        budget: int | None = None,
     ) -> None:
         self.announce_interval = announce_interval
         #: Heartbeats on every link (progress and anti-entropy, as the daemon sends them);
         #: off by default to keep large simulations cheap.
         self.heartbeat_interval = heartbeat_interval
-        fed_key = federation_key(secret, FEDERATION)
         #: Every frame put on a link: (time, from index, to index, size).
         self.traffic: list[tuple[float, int, int, int]] = []
         self.rng = random.Random(seed)
@@ -127,56 +132,58 @@ class Simulation:
         self.cut: set[frozenset[int]] = set()
         self.links: set[frozenset[int]] = set()
         self.nodes: list[SimNode] = []
-        self._params = dict(rounds=rounds, timeouts=timeouts, fanout=fanout, fed_key=fed_key,
-                            wait_peers=n - 1 if wait_peers is None else wait_peers, seed=seed,
-                            quorum=quorum)
+        self._params = SimParams(rounds=rounds, timeouts=timeouts, fanout=fanout,
+                                 fed_key=federation_key(secret, FEDERATION), seed=seed,
+                                 wait_peers=n - 1 if wait_peers is None else wait_peers,
+                                 quorum=quorum, compress=compress)
         for i in range(n):
             ident = Identity.from_seed(hashlib.sha256(f"{seed}/{i}".encode()).digest())
-            learner = VectorLearner(i)
-            genesis = learner.initial_weights()
-            core = self._core(i, ident, SequenceCounter(None), genesis)
-            self.nodes.append(SimNode(i, core, learner, genesis))
+            self.nodes.append(self._node(i, ident, SequenceCounter(None),
+                                         VectorLearner(i, budget=budget), MemoryCheckpoints(),
+                                         SimEvents(lambda: self.now)))
         self.by_key = {node.key: node for node in self.nodes}
 
-    def _core(self, i: int, ident: Identity, seq: SequenceCounter,
-              genesis: dict[str, np.ndarray], completed: int = 0,
-              digest: bytes | None = None) -> NodeCore:
+    def _node(self, i: int, ident: Identity, seq: SequenceCounter, learner: VectorLearner,
+              store: MemoryCheckpoints, events: SimEvents) -> SimNode:
+        """A node as ``build_node`` makes one, restored from its (memory) disk."""
         p = self._params
+        genesis = learner.initial_weights()
         machine = RoundMachine(
-            self_key=ident.public_key, federation=FEDERATION, rounds_total=p["rounds"],
-            genesis=to_tensors(genesis), wait_peers=p["wait_peers"], quorum=p["quorum"],
-            timeouts=p["timeouts"], completed=completed, model_digest=digest,
-        )
-        return NodeCore(identity=ident, name=f"n{i}", federation=FEDERATION, port=0,
-                        machine=machine, seq=seq, trust=TrustPolicy(federation_key=p["fed_key"]),
+            self_key=ident.public_key, federation=FEDERATION, rounds_total=p.rounds,
+            genesis=to_tensors(genesis), wait_peers=p.wait_peers, quorum=p.quorum,
+            timeouts=p.timeouts)
+        core = NodeCore(identity=ident, name=f"n{i}", federation=FEDERATION, port=0,
+                        machine=machine, seq=seq, trust=TrustPolicy(federation_key=p.fed_key),
                         wall_ms=lambda: int(1_700_000_000_000 + self.now * 1000),
-                        fanout=p["fanout"], rng=random.Random(f"{p['seed']}/{i}/{self.now}"),
+                        fanout=p.fanout, rng=random.Random(f"{p.seed}/{i}/{self.now}"),
                         member_timeout=3 * self.announce_interval)
+        health = Health()
+        executor = Executor(core=core, learner=learner, checkpoints=store, round_log=MemoryLog(),
+                            events=events, health=health, now=lambda: self.now,
+                            wall=lambda: 1_700_000_000.0 + self.now,
+                            codec=parse_codec(p.compress), genesis=genesis)
+        restored = restore(store, machine, max_size=core.max_message_size)
+        if restored.weights is not None:
+            executor.weights = executor.global_weights = restored.weights
+            core.latest_model_frame = restored.frame
+        if restored.offline_weights is not None:
+            executor.weights = restored.offline_weights
+        return SimNode(i, core, executor, learner, store, events, health)
 
     def restart(self, i: int, peers: list[int] | None = None) -> None:
-        """Bring a crashed node back as a restart would: same key and sequence counter
-        (both on disk), the last checkpointed model, no links until they reconnect."""
+        """Bring a crashed node back as a restart would: same key, sequence counter and
+        disk (its checkpoints), no links until they reconnect."""
         old = self.nodes[i]
         assert not old.alive, "crash it first"
-        frame = old.core.latest_model_frame
-        completed, digest, weights = 0, None, old.learner.initial_weights()
-        if frame is not None:
-            model = decode(frame).message
-            assert isinstance(model, Model)
-            completed, digest = model.round, model.digest
-            weights = {k: np.array(v) for k, v in from_tensors(model.weights).items()}
-        core = self._core(i, old.core.identity, old.core.seq, old.learner.initial_weights(),
-                          completed, digest)
-        core.latest_model_frame = frame
-        node = SimNode(i, core, old.learner, weights, commits=old.commits,
-                       aggregated=old.aggregated, notes=old.notes, rejected=old.rejected,
-                       epoch=old.epoch + 1)
+        node = self._node(i, old.core.identity, old.core.seq, old.learner, old.store,
+                          old.events)
+        node.aggregated, node.rejected, node.epoch = old.aggregated, old.rejected, old.epoch + 1
         self.nodes[i] = node
         self.by_key[node.key] = node
         for j in (peers if peers is not None else range(len(self.nodes))):
             if j != i and self.nodes[j].alive:
                 self.connect(i, j)
-        core.machine.start(self.now)
+        node.core.machine.start(self.now)
         self._drain(node)
         self.at(self.rng.uniform(0, self.announce_interval),
                 lambda: self._announce_loop(node, node.epoch))
@@ -209,10 +216,10 @@ class Simulation:
             node.core.machine.start(self.now)
             self._drain(node)
             self.at(self.rng.uniform(0, self.announce_interval),
-                    lambda node=node: self._announce_loop(node, node.epoch))
+                    functools.partial(self._announce_loop, node, node.epoch))
             if self.heartbeat_interval:
                 self.at(self.rng.uniform(0, self.heartbeat_interval),
-                        lambda node=node: self._heartbeat_loop(node, node.epoch))
+                        functools.partial(self._heartbeat_loop, node, node.epoch))
 
     def _heartbeat_loop(self, node: SimNode, epoch: int) -> None:
         """Each node sends a heartbeat on each of its links once per interval."""
@@ -247,8 +254,8 @@ class Simulation:
         trust_b = na.core.admit(nb.key, msg_2, nonce_a)
         trust_a = nb.core.admit(na.key, msg_3, nonce_b)
         if trust_a is None or trust_b is None:
-            na.core.note_untrusted(nb.key, msg_2.name, f"sim:{b}", self.now)
-            nb.core.note_untrusted(na.key, msg_3.name, f"sim:{a}", self.now)
+            na.core.peers.note_untrusted(nb.key, msg_2.name, f"sim:{b}", self.now)
+            nb.core.peers.note_untrusted(na.key, msg_3.name, f"sim:{a}", self.now)
             return
         self.links.add(frozenset((a, b)))
         na.core.link_up(nb.key, msg_2, f"sim:{b}", trust_b, self.now)
@@ -284,8 +291,13 @@ class Simulation:
         self.nodes[i].alive = False
         self.nodes[i].epoch += 1
         if idle_timeout is not None:
-            self.at(idle_timeout, lambda: [self.disconnect(i, j) for j in range(len(self.nodes))
-                                           if j != i])
+
+            def close_links() -> None:
+                for j in range(len(self.nodes)):
+                    if j != i:
+                        self.disconnect(i, j)
+
+            self.at(idle_timeout, close_links)
 
     def partition(self, side: set[int]) -> None:
         """Cut every link between ``side`` and the other nodes."""
@@ -298,7 +310,7 @@ class Simulation:
             for b in range(a + 1, len(self.nodes)):
                 self.connect(a, b)
 
-    # -- the driver -------------------------------------------------------------------
+    # -- the driver: the executor's jobs, frames and deadlines ------------------------
 
     def _deliver(self, src: SimNode, dst: SimNode, frame: bytes | bytearray) -> None:
         if frozenset((src.index, dst.index)) not in self.links:
@@ -325,12 +337,15 @@ class Simulation:
                 for j in link if j != node.index]
 
     def _drain(self, node: SimNode) -> None:
+        """As the daemon after every input: carry out the machine's actions, put frames
+        on links, write checkpoints, start the next job, re-arm the deadline."""
         machine = node.core.machine
-        while actions := machine.take_actions():
-            for action in actions:
-                self._execute(node, action)
+        node.executor.drain()
         for key, frame in node.core.take_sends():
             self._deliver(node, self.by_key[key], frame)
+        if node.executor.checkpoints_pending():
+            run_now(node.executor.write_checkpoints())
+        self._pump(node)
         deadline = machine.next_deadline()
         if deadline is not None:
             epoch = node.epoch
@@ -342,48 +357,43 @@ class Simulation:
 
             self.at(max(0.0, deadline - self.now), fire)
 
-    def _execute(self, node: SimNode, action: object) -> None:
-        machine = node.core.machine
-        epoch = node.epoch
-        if isinstance(action, StartTraining):
-            base = node.weights
+    def _pump(self, node: SimNode) -> None:
+        """Start the executor's next job unless one is running (one worker per node)."""
+        if node.busy or not node.alive:
+            return
+        queued = node.executor.next_job()
+        if queued is not None:
+            node.busy = True
+            self._advance(node, queued, node.epoch, first=True)
 
-            def trained(r: int = action.round) -> None:
-                if node.alive and node.epoch == epoch:
-                    w = node.learner.train(base)
-                    machine.training_done(r, to_tensors(w), node.learner.num_examples,
-                                          0.0, 1.0, self.now)
-                    self._drain(node)
+    def _advance(self, node: SimNode, queued: QueuedJob, epoch: int, result: object = None,
+                 error: Exception | None = None, first: bool = False) -> None:
+        """Resume a job; run its next blocking call now and come back after its cost."""
+        if not node.alive or node.epoch != epoch:
+            return
+        try:
+            call = advance(queued.job, result, error, first=first)
+        except Exception as exc:  # noqa: BLE001 (the executor's failure policy decides)
+            node.executor.job_failed(queued, exc)
+            self._job_done(node, queued)
+            return
+        if call is None:
+            node.executor.job_succeeded(queued)
+            self._job_done(node, queued)
+            return
+        try:
+            value, failure = call.fn(*call.args), None
+        except Exception as exc:  # noqa: BLE001 (thrown into the job, as the daemon does)
+            value, failure = None, exc
+        cost = self.rng.uniform(*self.train_time) if call.kind == "train" else COSTS.get(
+            call.kind, 0.0)
+        self.at(cost, lambda: self._advance(node, queued, epoch, value, failure))
 
-            self.at(self.rng.uniform(*self.train_time), trained)
-        elif isinstance(action, SendUpdate):
-            node.core.send_to(action.to, node.core.frame(action.update))
-        elif isinstance(action, ShareModel):
-            frame = node.core.frame(action.share)
-            for key in action.to:
-                node.core.send_to(key, frame)
-        elif isinstance(action, Average):
-            shares = [(from_tensors(m.weights), m.num_examples) for m in action.models.values()]
-            node.weights = node.learner.aggregate(shares)
-            node.offline_steps += 1
-            machine.average_done(action.round, action.step,
-                                 weights_digest(to_tensors(node.weights)), self.now)
-        elif isinstance(action, Aggregate):
-            ups = [(from_tensors(u.weights), u.num_examples) for u in action.updates.values()]
-            merged = node.learner.aggregate(ups)
-            n = sum(c for _, c in ups)
-
-            def aggregated(r: int = action.round, a: int = action.attempt) -> None:
-                if node.alive and node.epoch == epoch:
-                    machine.aggregation_done(r, a, to_tensors(merged), action.updates, n,
-                                             self.now)
-                    self._drain(node)
-
-            self.at(0.01, aggregated)
-        elif isinstance(action, PublishModel):
-            frame = node.core.publish(action.model)
-            node.aggregated[action.model.round] = action.model.digest
-            node.core.spread_model(frame)
+    def _job_done(self, node: SimNode, queued: QueuedJob) -> None:
+        node.busy = False
+        if isinstance(queued.action, PublishModel):
+            model = queued.action.model
+            node.aggregated[model.round] = model.digest
             if node.crash_after_sending is not None:
                 sends = node.core.take_sends()
                 for key, f in sends[: node.crash_after_sending]:
@@ -392,12 +402,8 @@ class Simulation:
                 # what was written to the sockets still arrives; then the node is gone
                 node.epoch += 1  # it does nothing more meanwhile
                 self.at(self.latency[1] * 1.01, lambda: self.crash(node.index))
-        elif isinstance(action, Commit):
-            node.weights = {k: np.array(v) for k, v in from_tensors(action.model.weights).items()}
-            assert action.model.round not in node.commits, "two models applied for one round"
-            node.commits[action.model.round] = action.model.digest
-        elif isinstance(action, Note):
-            node.notes.append((self.now, action.kind, action.detail))
+                return
+        self._drain(node)
 
     # -- views ------------------------------------------------------------------------
 

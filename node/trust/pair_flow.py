@@ -15,20 +15,59 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
 
+from node.config import NodeConfig
+from node.trust.pairing import PairingError, PairingOffer, TokenBook, make_offer, split_address
+from node.trust.store import TrustedPeer, TrustStore, check_name
+from protocol.envelope import Envelope
 from protocol.errors import ProtocolError
 from protocol.identity import node_id_from_key
-from protocol.messages import PairAccept, PairRequest
+from protocol.messages import Message, PairAccept, PairRequest
 
-from node.trust.pairing import PairingError, PairingOffer, make_offer, split_address
-from node.trust.store import check_name
 
-if TYPE_CHECKING:
-    from node.runtime.supervisor import Node
+class PairingCore(Protocol):
+    """What pairing needs of the node core (node.peers.core.NodeCore): signing, checking
+    and counting frames, and the addresses the node announces."""
+
+    @property
+    def addresses(self) -> tuple[str, ...]: ...
+
+    def decode(self, frame: bytes, *, carried: bool = False) -> Envelope: ...
+
+    def check_fresh(self, env: Envelope) -> None: ...
+
+    def frame(self, message: Message) -> bytearray: ...
+
+    def reject(self, key: bytes | None, reason: str) -> None: ...
+
+
+class PairingHost(Protocol):
+    """What pairing needs of a node (node.runtime.supervisor.Node provides it)."""
+
+    @property
+    def core(self) -> PairingCore: ...
+
+    @property
+    def public_key(self) -> bytes: ...
+
+    @property
+    def config(self) -> NodeConfig: ...
+
+    @property
+    def peer_port(self) -> int: ...
+
+    @property
+    def pairing_tokens(self) -> TokenBook: ...
+
+    @property
+    def trust_store(self) -> TrustStore: ...
+
+    def dial(self, address: str, key: bytes | str | None = None) -> None: ...
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +83,14 @@ def _valid_address(address: str) -> bool:
     return True
 
 
-def offer(node: Node, ttl_s: float) -> PairingOffer:
+def offer(node: PairingHost, ttl_s: float) -> PairingOffer:
     """A fresh pairing code for this node."""
     addresses = node.core.addresses or (f"127.0.0.1:{node.peer_port}",)
-    return make_offer(node.pairing_tokens, node.identity.public_key, node.config.name,
+    return make_offer(node.pairing_tokens, node.public_key, node.config.name,
                       node.config.federation, addresses, ttl_s)
 
 
-async def handle_pair_request(node: Node, request: web.Request) -> web.Response:
+async def handle_pair_request(node: PairingHost, request: web.Request) -> web.Response:
     """``POST /fl/v1/pair`` on the peer port: redeem a token, trust the requester."""
     data = await request.content.read(MAX_REQUEST + 1)
     if len(data) > MAX_REQUEST:
@@ -78,12 +117,12 @@ async def handle_pair_request(node: Node, request: web.Request) -> web.Response:
     return web.Response(body=bytes(answer), content_type="application/octet-stream")
 
 
-async def pair_with(node: Node, uri: str) -> tuple[str, str]:
+async def pair_with(node: PairingHost, uri: str) -> tuple[str, str]:
     """Complete a pairing with the node whose code is ``uri``; returns (node id, name).
 
     Raises PairingError with the reason when the code or the other node refuses."""
     target = PairingOffer.from_uri(uri)
-    if target.public_key == node.identity.public_key:
+    if target.public_key == node.public_key:
         raise PairingError("that is this node's own pairing code")
     if target.federation != node.config.federation:
         raise PairingError(f"the code is for federation {target.federation!r}, this node is"
@@ -112,7 +151,7 @@ async def pair_with(node: Node, uri: str) -> tuple[str, str]:
             if env.sender != target.public_key:
                 raise PairingError(f"{address} answered with key {node_id_from_key(env.sender)},"
                                    f" not {target.node_id}: refused as an impostor")
-            if not isinstance(env.message, PairAccept) or env.message.requester != node.identity.public_key:
+            if not isinstance(env.message, PairAccept) or env.message.requester != node.public_key:
                 raise PairingError(f"unexpected answer from {address}")
             await asyncio.to_thread(node.trust_store.add, target.public_key, target.name,
                                     "pairing")
@@ -120,3 +159,32 @@ async def pair_with(node: Node, uri: str) -> tuple[str, str]:
             node.dial(address, target.public_key)
             return target.node_id, target.name
     raise PairingError("could not reach the node: " + "; ".join(errors))
+
+
+class Pairing:
+    """A node's pairing service for its web API: codes, pairing, the trust store.
+
+    ``forget`` is called with a key whose pairing was removed (the node drops its link)."""
+
+    def __init__(self, host: PairingHost, forget: Callable[[bytes], None]) -> None:
+        self.host = host
+        self.forget = forget
+
+    def offer(self, ttl_s: float) -> PairingOffer:
+        """A fresh one-time pairing code, valid ``ttl_s`` seconds."""
+        return offer(self.host, ttl_s)
+
+    async def pair_with(self, uri: str) -> tuple[str, str]:
+        """Pair with the node whose code ``uri`` is (PairingError with the reason)."""
+        return await pair_with(self.host, uri)
+
+    def entries(self) -> list[TrustedPeer]:
+        """The paired nodes."""
+        return self.host.trust_store.entries()
+
+    async def remove(self, ident: str) -> TrustedPeer | None:
+        """Forget a paired node (id or unique prefix; ValueError if ambiguous)."""
+        removed = await asyncio.to_thread(self.host.trust_store.remove, ident)
+        if removed is not None:
+            self.forget(removed.public_key)
+        return removed

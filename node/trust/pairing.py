@@ -42,10 +42,9 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 import qrcode
 from qrcode.image.pil import PilImage
 
-from protocol.identity import PUBLIC_KEY_LEN, node_id_from_key
-
-from node.runtime.state import atomic_write
+from node.common.files import atomic_write
 from node.trust.store import decode_key, encode_key
+from protocol.identity import PUBLIC_KEY_LEN, node_id_from_key
 
 SCHEME = "fl-node"
 URI_VERSION = "1"
@@ -53,7 +52,7 @@ MAX_URI_LEN = 2048
 MAX_ADDRESSES = 8
 DEFAULT_TTL_S = 600.0
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # same rule as node.cli.config
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # same rule as node.config
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{22,64}$")
 _EXP_RE = re.compile(r"^(0|[1-9][0-9]{0,11})$")
 _ADDR_RE = re.compile(r"^(?P<host>\[[^\[\]]*\]|[^:\[\]]+):(?P<port>[0-9]{1,5})$")
@@ -259,7 +258,7 @@ def qr_text(uri: str, *, invert: bool = True, border: int = 2) -> str:
     lines = []
     for r in range(0, len(drawn), 2):
         top, bottom = drawn[r], drawn[r + 1] if r + 1 < len(drawn) else blank
-        lines.append("".join(_HALF_BLOCKS[(t, b)] for t, b in zip(top, bottom)))
+        lines.append("".join(_HALF_BLOCKS[(t, b)] for t, b in zip(top, bottom, strict=True)))
     return "\n".join(lines)
 
 

@@ -47,9 +47,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from node.common.files import atomic_write
 from protocol.identity import PUBLIC_KEY_LEN, node_id_from_key
-
-from node.runtime.state import atomic_write
 
 TRUST_FILE = "trust.json"
 FORMAT_VERSION = 1

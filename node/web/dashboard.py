@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import hmac
 import json
 import logging
@@ -26,12 +25,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
-import psutil
 from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 
-from node.web.hostguard import host_origin_guard
-from node.web.hub import STATUS_UPDATE, EventHub, HubEvent, SubscriberLagging, Subscription, message
 from node.common.wsclose import close_ws
+from node.web.hostguard import host_origin_guard
+from node.web.httputil import UNAUTHORIZED, bearer_ok, error, json_object
+from node.web.hub import STATUS_UPDATE, EventHub, HubEvent, SubscriberLagging, Subscription, message
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,6 @@ WS_UNAUTHORIZED = 4401
 MAX_EVENTS_LIMIT = 1000
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-_UNAUTHORIZED = {"error": "missing or wrong API token (see fl-node token)"}
 _STATIC_DIR = Path(__file__).with_name("static")
 #: Everything /static/{name} serves; index.html is served at / only.
 _STATIC_TYPES = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -107,31 +105,7 @@ class Controllable(Protocol):
         ...
 
 
-# -- resources and Prometheus ---------------------------------------------------------
-
-
-@functools.cache
-def _process() -> psutil.Process:
-    proc = psutil.Process()
-    proc.cpu_percent(None)  # the first reading is always 0.0; later ones measure since
-    return proc
-
-
-def resources() -> dict[str, float | int]:
-    """The contract's ``resources`` object for this process, for the node's status."""
-    proc = _process()
-    with proc.oneshot():
-        cpu = proc.cpu_percent(None)
-        rss = proc.memory_info().rss
-        memory_percent = proc.memory_percent()
-    net = psutil.net_io_counters()
-    return {
-        "cpu_percent": cpu,
-        "memory_rss": rss,
-        "memory_percent": round(memory_percent, 3),
-        "net_bytes_sent": net.bytes_sent if net else 0,
-        "net_bytes_recv": net.bytes_recv if net else 0,
-    }
+# -- Prometheus ---------------------------------------------------------
 
 
 def _sample_value(value: object) -> str | None:
@@ -201,16 +175,6 @@ def prometheus_text(status: Mapping[str, Any]) -> str:
 # -- the routes -----------------------------------------------------------------------
 
 
-def _bearer_ok(request: web.Request, token: str) -> bool:
-    header = request.headers.get(hdrs.AUTHORIZATION, "")
-    given = header[7:] if header.startswith("Bearer ") else ""
-    return bool(token) and hmac.compare_digest(given.encode(), token.encode())
-
-
-def _error(text: str, status: int) -> web.Response:
-    return web.json_response({"error": text}, status=status)
-
-
 def _client_message(msg: aiohttp.WSMessage) -> dict[str, Any]:
     """A client's JSON object message; empty for anything else."""
     if msg.type is not WSMsgType.TEXT:
@@ -251,7 +215,7 @@ class _Dashboard:
         """GET /static/{name}: app.js or style.css, nothing else."""
         name = request.match_info["name"]
         if name not in self.static:
-            return _error("not found", 404)
+            return error("not found", 404)
         return web.Response(body=self.static[name], content_type=_STATIC_TYPES[name],
                             charset="utf-8", headers=_PAGE_HEADERS)
 
@@ -270,7 +234,7 @@ class _Dashboard:
         """GET /api/events?limit=N: the node's recent event log, oldest first."""
         text = request.query.get("limit", "100")
         if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_EVENTS_LIMIT:
-            return _error(f"limit: a whole number from 1 to {MAX_EVENTS_LIMIT}", 400)
+            return error(f"limit: a whole number from 1 to {MAX_EVENTS_LIMIT}", 400)
         return web.json_response({"events": await self.node.events(int(text))})
 
     async def prometheus(self, request: web.Request) -> web.Response:
@@ -282,18 +246,13 @@ class _Dashboard:
 
     async def set_config(self, request: web.Request) -> web.Response:
         """POST /api/config {key: value, ...}: apply runtime settings, all or none."""
-        if not _bearer_ok(request, self.node.api_token):
-            return web.json_response(_UNAUTHORIZED, status=401)
-        try:
-            changes = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            return _error("body must be JSON", 400)
-        if not isinstance(changes, dict):
-            return _error("body must be a JSON object", 400)
+        if not bearer_ok(request, self.node.api_token):
+            return web.json_response(UNAUTHORIZED, status=401)
+        changes = await json_object(request)
         try:
             applied = await self.node.apply_config(changes)
         except ValueError as exc:
-            return _error(str(exc), 400)
+            return error(str(exc), 400)
         return web.json_response({"config": self.node.config_view(), "applied": applied})
 
     async def start(self, request: web.Request) -> web.Response:
@@ -306,12 +265,12 @@ class _Dashboard:
 
     async def _control(self, request: web.Request,
                        action: Callable[[], Awaitable[None]]) -> web.Response:
-        if not _bearer_ok(request, self.node.api_token):
-            return web.json_response(_UNAUTHORIZED, status=401)
+        if not bearer_ok(request, self.node.api_token):
+            return web.json_response(UNAUTHORIZED, status=401)
         try:
             await action()
         except ValueError as exc:
-            return _error(str(exc), 409)
+            return error(str(exc), 409)
         return web.json_response({"state": self.node.state})
 
     # -- the WebSocket

@@ -163,7 +163,7 @@ def test_bad_input_is_rejected_with_a_reason_and_training_goes_on(tmp_path):
             # garbage instead of a handshake
             await Attacker(node.endpoint["peer_port"], genesis).session(
                 lambda a: [b"\xc1garbage"], handshake=False)
-            for name, (frames, _) in CASES.items():
+            for frames, _ in CASES.values():
                 await Attacker(node.endpoint["peer_port"], genesis).session(frames)
             # a stranger without the secret completes the handshake but is not admitted
             await Attacker(node.endpoint["peer_port"], genesis,

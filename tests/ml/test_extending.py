@@ -10,8 +10,7 @@ from ml.datasets import available_datasets
 from ml.learner import TorchLearner
 from ml.models import available_models
 from node.cli.main import load_plugins
-from node.cli.config import ConfigError, build_config
-
+from node.config import ConfigError, build_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
 

@@ -5,8 +5,11 @@ partitions and delays.
 it at random moments and returns the finished Simulation; ``check_invariants`` raises
 AssertionError naming the seed when one of the invariants breaks:
 
-* no node applies two different global models for one round (sim.Commit asserts it),
-* at most one global model is accepted for each round, across all nodes,
+* no node applies two different global models for one round (SimEvents asserts it),
+* at most one global model is accepted by a quorum of nodes for each round; a second
+  model for a round may only reach a minority (docs/architecture.md, "Quorum, not
+  consensus": an aggregator cut off right after publishing), and the run counts how
+  often that happens (test_random_schedules bounds the rate),
 * no exception escapes a node (the simulation would raise),
 * at the end, every live node holds one and the same model, at the final round.
 """
@@ -69,13 +72,23 @@ def check_invariants(sim: Simulation, seed: int, rounds: int) -> None:
         f"not all live nodes finished: {[x.core.machine.completed for x in alive]} {where}")
     finals = {x.core.machine.model_digest for x in alive}
     assert len(finals) == 1, f"live nodes hold {len(finals)} different models {where}"
-    assert split_rounds(sim) == 0, f"two models were accepted for one round {where}"
+    quorum = sim.nodes[0].core.machine.quorum
+    for r, holders in applied(sim).items():
+        majority = [d for d, nodes in holders.items() if len(nodes) >= quorum]
+        assert len(majority) <= 1, f"round {r}: two models each reached a quorum {where}"
+        if len(holders) > 1:
+            assert majority, f"round {r}: split with no model reaching a quorum {where}"
+
+
+def applied(sim: Simulation) -> dict[int, dict[bytes, set[int]]]:
+    """Round -> model digest -> the nodes that applied it."""
+    by_round: dict[int, dict[bytes, set[int]]] = {}
+    for node in sim.nodes:
+        for r, digest in node.commits.items():
+            by_round.setdefault(r, {}).setdefault(digest, set()).add(node.index)
+    return by_round
 
 
 def split_rounds(sim: Simulation) -> int:
     """Rounds for which different nodes applied different models."""
-    by_round: dict[int, set[bytes]] = {}
-    for node in sim.nodes:
-        for r, digest in node.commits.items():
-            by_round.setdefault(r, set()).add(digest)
-    return sum(len(d) > 1 for d in by_round.values())
+    return sum(len(d) > 1 for d in applied(sim).values())

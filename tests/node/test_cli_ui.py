@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from node.cli.main import format_status, main
-from node.cli.config import ConfigError, build_config
+from node.config import ConfigError, build_config
 
 
 def test_token_prints_the_nodes_api_token_made_once_with_mode_0600(tmp_path, capsys):

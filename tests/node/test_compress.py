@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from node.runtime.compress import (
+from ml.models import build_model
+from ml.weights import get_weights
+from node.common.compress import (
     Codec,
     ErrorFeedback,
     Int8,
@@ -21,8 +23,6 @@ from node.runtime.compress import (
     spec_of,
     weights_delta,
 )
-from ml.models import build_model
-from ml.weights import get_weights
 
 Weights = dict[str, np.ndarray]
 LOSSY = ["fp16", "int8", "topk:0.1"]
@@ -202,7 +202,7 @@ def test_fp16_refuses_a_delta_beyond_its_range():
 
 @pytest.mark.parametrize("spec", ALL)
 def test_a_payload_survives_the_wire_tensor_format(spec):
-    from node.runtime.weights import from_tensors, to_tensors
+    from node.common.weights import from_tensors, to_tensors
 
     delta = random_delta()
     # node.weights.to_tensors cannot view an empty array (memoryview.cast refuses a 0 in
@@ -345,7 +345,7 @@ def distributed_gd(mode: str, rounds: int = 400) -> float:
     for t in range(rounds):
         lr = 0.5 / (1 + t / 20)
         decoded = []
-        for c, ef in zip(centres, feedback):
+        for c, ef in zip(centres, feedback, strict=True):
             delta = {k: (-lr * a[k] * (x[k] - c[k])).astype(np.float32) for k in x}
             if mode == "none":
                 decoded.append(delta)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from node.cli.config import ConfigError, build_config
+from node.config import ConfigError, build_config
 
 
 def test_flags_override_environment_override_toml(tmp_path):

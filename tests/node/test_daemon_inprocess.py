@@ -7,9 +7,10 @@ import contextlib
 
 import aiohttp
 
-from node.cli.config import NodeConfig
-from node.runtime.supervisor import Node
+from node.config import NodeConfig
+from node.runtime.build import build_node
 from node.runtime.checkpoints import decode_checkpoint
+from node.runtime.supervisor import Node
 from protocol.envelope import decode
 
 from .fakes import FakeLearner
@@ -34,7 +35,7 @@ async def running(nodes: list[Node]):
 
 
 def make_node(tmp_path, i: int, count: int, rounds: int = 4, peers=()) -> Node:
-    return Node(NodeConfig(name=f"n{i}", state_dir=str(tmp_path / f"n{i}"), host="127.0.0.1",
+    return build_node(NodeConfig(name=f"n{i}", state_dir=str(tmp_path / f"n{i}"), host="127.0.0.1",
                            port=0, web_port=0, rounds=rounds, wait_peers=count - 1,
                            heartbeat_interval=0.2, mdns=False,
                            peers=tuple(f"127.0.0.1:{p.peer_port}" for p in peers)),
@@ -69,7 +70,7 @@ async def test_a_node_below_quorum_trains_offline_and_resumes_its_offline_model(
         tmp_path, no_leaked_tasks):
     def lone() -> Node:
         # a quorum of 2 and nobody else: offline from the start
-        return Node(NodeConfig(name="lone", state_dir=str(tmp_path / "lone"), host="127.0.0.1",
+        return build_node(NodeConfig(name="lone", state_dir=str(tmp_path / "lone"), host="127.0.0.1",
                                port=0, web_port=0, rounds=4, min_peers=1, wait_peers=0,
                                mdns=False, open=True), FakeLearner(0, delay=0.05))
 
@@ -99,7 +100,7 @@ async def test_a_stopped_node_is_left_out_and_rejoins_when_started(tmp_path, no_
     monkeypatch.setenv("FL_NODE_FEDERATION_SECRET", "in-process test federation secret")
 
     def member(i: int, peers=()) -> Node:
-        return Node(NodeConfig(name=f"n{i}", state_dir=str(tmp_path / f"n{i}"),
+        return build_node(NodeConfig(name=f"n{i}", state_dir=str(tmp_path / f"n{i}"),
                                host="127.0.0.1", port=0, web_port=0, rounds=40, wait_peers=i,
                                min_peers=1, heartbeat_interval=0.1, mdns=False,
                                peers=tuple(f"127.0.0.1:{p.peer_port}" for p in peers)),
@@ -113,7 +114,7 @@ async def test_a_stopped_node_is_left_out_and_rejoins_when_started(tmp_path, no_
             async with running([third]):
                 nodes = [first, second, third]
                 await _wait(lambda: all(n.machine.completed >= 2 for n in nodes))
-                await third.stop_training()
+                await third.control.stop_training()
                 assert third.state == "stopped"
                 stopped_at = third.machine.completed
                 # the others see it stopped and carry on as two (still a quorum of 2)
@@ -124,12 +125,12 @@ async def test_a_stopped_node_is_left_out_and_rejoins_when_started(tmp_path, no_
                 # resumes from the federation's latest round)
                 assert max(third.learner.trained_rounds) <= stopped_at + 1
                 assert third.state == "stopped"
-                await third.start_training()
+                await third.control.start_training()
                 target = first.machine.completed + 2
                 await _wait(lambda: all(n.machine.completed >= target for n in nodes))
                 await _wait(lambda: any(r.contributors == 3 for r in first.history
                                         if r.round >= target), 30)
-                kinds = [e["kind"] for e in await third.events(100)]
+                kinds = [e["kind"] for e in await third.control.events(100)]
     assert "training_stopped" in kinds and "training_started" in kinds
 
 
@@ -137,7 +138,7 @@ async def _federation_bytes(tmp_path, compress: str) -> tuple[list[Node], float]
     """Three nodes, 3 rounds, with this --compress; (nodes, mean update frame bytes)."""
     nodes: list[Node] = []
     for i in range(3):
-        nodes.append(Node(NodeConfig(
+        nodes.append(build_node(NodeConfig(
             name=f"{compress}{i}", state_dir=str(tmp_path / compress / f"n{i}"),
             host="127.0.0.1", port=0, web_port=0, rounds=3, wait_peers=2, min_peers=2,
             compress=compress, heartbeat_interval=0.2, mdns=False, open=True,

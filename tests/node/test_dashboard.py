@@ -18,12 +18,12 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
+from node.common.resources import resources
 from node.web.dashboard import (
     PROMETHEUS_CONTENT_TYPE,
     WS_UNAUTHORIZED,
     add_dashboard,
     prometheus_text,
-    resources,
 )
 from node.web.hostguard import allowed_hosts_for
 from node.web.hub import EventHub

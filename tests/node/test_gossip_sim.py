@@ -50,10 +50,10 @@ def test_relayed_members_show_as_relayed_and_then_gone():
     sim = line(3, rounds=50, seed=2, announce_interval=1.0)
     sim.run(30)
     a, c = sim.nodes[0], sim.nodes[2]
-    assert a.core.peer_state(c.key, sim.now) == "relayed"
+    assert a.core.peers.peer_state(c.key, sim.now) == "relayed"
     sim.crash(2)
     sim.run(sim.now + 10)
-    assert a.core.peer_state(c.key, sim.now) == "gone"
+    assert a.core.peers.peer_state(c.key, sim.now) == "gone"
     assert c.key not in a.core.machine.peers
 
 

@@ -13,8 +13,8 @@ import logging
 
 import pytest
 
-from node.cli.config import NodeConfig
-from node.runtime.supervisor import Node
+from node.config import NodeConfig
+from node.runtime.build import build_node
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def test_real_training_never_blocks_the_event_loop(tmp_path, caplog):
     # What one round of training costs here: training on the loop would hold it that long.
     one_round = learner.train(learner.initial_weights(), 1).seconds
     threshold = max(0.5, one_round / 2)
-    node = Node(NodeConfig(name="solo", state_dir=str(tmp_path), host="127.0.0.1", port=0,
+    node = build_node(NodeConfig(name="solo", state_dir=str(tmp_path), host="127.0.0.1", port=0,
                            web_port=0, rounds=2, min_peers=0, mdns=False), learner)
     pings: list[float] = []
 

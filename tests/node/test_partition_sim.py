@@ -32,7 +32,7 @@ def test_both_sides_train_through_a_partition_and_reconverge(seed):
     split_at = [n.core.machine.completed for n in sim.nodes]
     sim.run(sim.now + 60)
     during = [n.core.machine.completed for n in sim.nodes]
-    assert all(d >= s + 3 for s, d in zip(split_at, during)), (split_at, during)  # both sides
+    assert all(d >= s + 3 for s, d in zip(split_at, during, strict=True)), (split_at, during)  # both sides
     split(sim, heal=True)
     healed = max(n.core.machine.completed for n in sim.nodes)
     sim.run(sim.now + 10_000, stop=lambda: all(n.core.machine.completed >= healed + 2
@@ -56,7 +56,7 @@ def test_with_a_majority_quorum_both_sides_go_offline_and_the_heal_merges_them(s
     # neither side has 3 members: no global round, but every node kept training offline
     assert all(n.core.machine.offline for n in sim.nodes)
     assert [n.core.machine.completed for n in sim.nodes] == split_at
-    assert all(n.offline_steps >= s + 3 for n, s in zip(sim.nodes, steps))
+    assert all(n.offline_steps >= s + 3 for n, s in zip(sim.nodes, steps, strict=True))
     split(sim, heal=True)
     healed = max(split_at)
     sim.run(sim.now + 10_000, stop=lambda: sim.all_done(healed + 2))

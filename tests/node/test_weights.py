@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from node.runtime.weights import from_tensors, to_tensors
+from node.common.weights import from_tensors, to_tensors
 
 
 def test_weights_round_trip_with_their_dtypes_and_shapes_including_empty_ones():

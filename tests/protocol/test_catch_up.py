@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from node.core import NodeCore
-from node.state import SequenceCounter
+from node.common.state import SequenceCounter
+from node.peers.core import NodeCore
 from protocol.errors import ProtocolError
 from protocol.messages import Model, Relay
 from protocol.rounds import Commit, RoundMachine, RoundTimeouts
@@ -28,7 +28,7 @@ def core(n: int, seed_model: list[Tensor] | None = None) -> NodeCore:
 
 
 def handshake(a: NodeCore, b: NodeCore) -> None:
-    """The three hellos of node.transport, without the socket."""
+    """The three hellos of node.peers.transport, without the socket."""
     na, nb = a.new_nonce(), b.new_nonce()
     env1, h1 = b.accept_hello(bytes(a.hello(na)), None)
     env2, h2 = a.accept_hello(bytes(b.hello(nb, echo=h1.nonce)), na)

@@ -17,8 +17,17 @@ from protocol.messages import Heartbeat, Model, Update
 from protocol.tensors import weights_digest
 
 from .wire import (
-    FED, TS, f32, heartbeat_body, hello_body, identity, model_body, payload, sign_payload,
-    tensor_map, update_body,
+    FED,
+    TS,
+    f32,
+    heartbeat_body,
+    hello_body,
+    identity,
+    model_body,
+    payload,
+    sign_payload,
+    tensor_map,
+    update_body,
 )
 
 SIGNER = identity(1)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from node.discovery import key_from_txt
-from node.pairing import PairingOffer
+from node.peers.discovery import key_from_txt
+from node.trust.pairing import PairingOffer
 from protocol.envelope import decode, encode
 from protocol.errors import ProtocolError
 from protocol.gossip import (
@@ -290,7 +290,7 @@ def test_the_mdns_key_must_match_the_announced_id():
 
 
 def test_the_mdns_instance_label_is_name_and_short_id():
-    # node.discovery builds f"{name}-{short}" with short = node id without dashes, 8 chars,
+    # node.peers.discovery builds f"{name}-{short}" with short = node id without dashes, 8 chars,
     # lower case; the docs print it for the all-zero seed
     short = Identity.from_seed(bytes(32)).node_id.replace("-", "")[:8].lower()
     assert f"alice-{short}._fl-node._tcp.local." == "alice-copdsqhg._fl-node._tcp.local."

@@ -10,8 +10,9 @@ import stat
 
 import pytest
 
+from node.common.state import KEY_FILE, load_or_create_identity
 from protocol.errors import ProtocolError
-from protocol.identity import KEY_FILE, Identity, is_valid_node_id, node_id_from_key, verify
+from protocol.identity import Identity, is_valid_node_id, node_id_from_key, verify
 
 from .wire import identity
 
@@ -78,7 +79,7 @@ def test_node_id_refuses_a_key_that_is_not_32_bytes():
 
 def test_first_start_creates_the_key_file_readable_only_by_its_owner(tmp_path):
     state = tmp_path / "state"
-    ident = Identity.load_or_create(state)
+    ident = load_or_create_identity(state)
     path = state / KEY_FILE
     assert path.exists()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
@@ -87,8 +88,8 @@ def test_first_start_creates_the_key_file_readable_only_by_its_owner(tmp_path):
 
 
 def test_a_restart_reloads_the_same_key(tmp_path):
-    first = Identity.load_or_create(tmp_path)
-    again = Identity.load_or_create(tmp_path)
+    first = load_or_create_identity(tmp_path)
+    again = load_or_create_identity(tmp_path)
     assert again.public_key == first.public_key
     assert again.node_id == first.node_id
     # and the reloaded key signs for the same identity
@@ -96,8 +97,8 @@ def test_a_restart_reloads_the_same_key(tmp_path):
 
 
 def test_two_state_dirs_get_different_keys(tmp_path):
-    a = Identity.load_or_create(tmp_path / "a")
-    b = Identity.load_or_create(tmp_path / "b")
+    a = load_or_create_identity(tmp_path / "a")
+    b = load_or_create_identity(tmp_path / "b")
     assert a.public_key != b.public_key
 
 
@@ -105,7 +106,7 @@ def test_two_state_dirs_get_different_keys(tmp_path):
 def test_a_corrupt_key_file_is_refused_not_replaced(tmp_path, content):
     (tmp_path / KEY_FILE).write_bytes(content)
     with pytest.raises(ValueError, match="corrupt key file"):
-        Identity.load_or_create(tmp_path)
+        load_or_create_identity(tmp_path)
     assert (tmp_path / KEY_FILE).read_bytes() == content  # the operator's file is left alone
 
 

@@ -7,12 +7,18 @@ import pytest
 from protocol.errors import ProtocolError
 from protocol.messages import Model, Share, Update
 from protocol.rounds import (
-    Aggregate, Average, Deadlines, Phase, RoundTimeouts, SendUpdate, ShareModel,
+    Aggregate,
+    Average,
+    Deadlines,
+    Phase,
+    RoundTimeouts,
+    SendUpdate,
+    ShareModel,
     StartTraining,
 )
 from protocol.tensors import weights_digest
 
-from .test_rounds import GENESIS_DIGEST, KEYS, T, Cluster, machine, notes, of
+from .test_rounds import GENESIS_DIGEST, KEYS, Cluster, T, machine, notes, of
 from .wire import f32, weights
 
 ME, A, B, C = KEYS[:4]

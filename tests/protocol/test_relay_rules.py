@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from node.core import NodeCore, TrustPolicy
-from node.state import SequenceCounter
+from node.common.state import SequenceCounter
+from node.peers.core import NodeCore, TrustPolicy
 from protocol.envelope import decode
 from protocol.errors import ProtocolError
 from protocol.gossip import federation_key, federation_proof, frame_id
@@ -40,7 +40,7 @@ def core(n: int, trust: TrustPolicy | None = None, **kw) -> NodeCore:
 
 
 def link(a: NodeCore, b: NodeCore, now: float = 0.0) -> None:
-    """The three hellos, then admission on both sides (as node.transport does)."""
+    """The three hellos, then admission on both sides (as node.peers.transport does)."""
     na, nb = a.new_nonce(), b.new_nonce()
     _, h1 = b.accept_hello(bytes(a.hello(na)), None)
     _, h2 = a.accept_hello(bytes(b.hello(nb, echo=h1.nonce)), na)
@@ -221,15 +221,15 @@ def test_a_relayed_member_needs_a_credential_and_expires_after_member_timeout():
     # a bad credential: ignored (not an error of b's, so nothing is counted against b)
     _announce_via(c, b, a, 1.0, credential=bytes(32))
     assert c.key not in a.machine.peers
-    assert a.peer_state(c.key, 1.0) == "untrusted" and a.known[b.key].rejected == 0
+    assert a.peers.peer_state(c.key, 1.0) == "untrusted" and a.known[b.key].rejected == 0
     _announce_via(c, b, a, 2.0)
-    assert c.key in a.machine.peers and a.peer_state(c.key, 2.0) == "relayed"
+    assert c.key in a.machine.peers and a.peers.peer_state(c.key, 2.0) == "relayed"
     assert a.known[c.key].trust == "federation-secret"
-    assert a.peer_state(c.key, 6.0) == "suspect"
+    assert a.peers.peer_state(c.key, 6.0) == "suspect"
     a.tick(8.0)
     assert c.key in a.machine.peers
     a.tick(8.5)
-    assert c.key not in a.machine.peers and a.peer_state(c.key, 8.5) == "gone"
+    assert c.key not in a.machine.peers and a.peers.peer_state(c.key, 8.5) == "gone"
 
 
 def test_a_link_drop_removes_a_member_until_a_newer_announcement():
@@ -240,7 +240,7 @@ def test_a_link_drop_removes_a_member_until_a_newer_announcement():
     a.link_down(c.key, 2.0)
     assert c.key not in a.machine.peers  # the announcement at 1.0 is older than the drop
     _announce_via(c, b, a, 3.0)
-    assert c.key in a.machine.peers and a.peer_state(c.key, 3.0) == "relayed"
+    assert c.key in a.machine.peers and a.peers.peer_state(c.key, 3.0) == "relayed"
 
 
 def test_a_relayed_update_is_accepted_from_members_only():

@@ -16,7 +16,14 @@ from protocol.election import ranking
 from protocol.errors import ProtocolError
 from protocol.messages import Model, Update
 from protocol.rounds import (
-    Aggregate, Commit, Note, Phase, PublishModel, RoundMachine, RoundTimeouts, SendUpdate,
+    Aggregate,
+    Commit,
+    Note,
+    Phase,
+    PublishModel,
+    RoundMachine,
+    RoundTimeouts,
+    SendUpdate,
     StartTraining,
 )
 from protocol.tensors import Tensor, weights_digest

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from node.state import SEQ_FILE, SequenceCounter
+from node.common.state import SEQ_FILE, SequenceCounter
 
 
 def take(counter: SequenceCounter, n: int) -> list[int]:

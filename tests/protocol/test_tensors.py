@@ -9,7 +9,12 @@ import pytest
 
 from protocol.errors import ProtocolError
 from protocol.tensors import (
-    DTYPE_ITEMSIZE, Tensor, tensor_from_wire, tensor_to_wire, weights_digest, weights_from_wire,
+    DTYPE_ITEMSIZE,
+    Tensor,
+    tensor_from_wire,
+    tensor_to_wire,
+    weights_digest,
+    weights_from_wire,
     weights_to_wire,
 )
 

@@ -45,7 +45,12 @@ import pytest
 
 from tests.e2e.cluster import poll_until
 from tests.system.dockerenv import (
-    Engine, compose_plugin, docker_cli, hadolint, make_docker_config, prepare_caches,
+    Engine,
+    compose_plugin,
+    docker_cli,
+    hadolint,
+    make_docker_config,
+    prepare_caches,
     require_docker_tools,
 )
 
@@ -171,7 +176,7 @@ class Federation:
 
     def statuses(self, containers: list[str] | None = None) -> dict[str, dict[str, Any]]:
         containers = containers or [self.container(s) for s in SERVICES]
-        return dict(zip(containers, self.pool.map(self.status, containers)))
+        return dict(zip(containers, self.pool.map(self.status, containers), strict=True))
 
     def metrics(self, container: str) -> dict[int, dict[str, Any]]:
         return {r["round"]: r for r in self.api(container, "/api/metrics")["rounds"]}

@@ -18,7 +18,11 @@ import pytest
 
 from tests.system.avahi import Avahi, parse_resolved
 from tests.system.netns import (
-    OWNER_DIR, Hosts, cleanup_stale, list_namespaces, require_root_and_tools,
+    OWNER_DIR,
+    Hosts,
+    cleanup_stale,
+    list_namespaces,
+    require_root_and_tools,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.system]
@@ -179,7 +183,7 @@ def _ours(prefix: str) -> list[str]:
 def test_nothing_left_after_exit_even_on_error() -> None:
     seen: list[int] = []
     avahi_dir = None
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(RuntimeError, match="on purpose"):
         with Hosts(("a", "b", "c")) as hosts:
             prefix = hosts.prefix
             assert len(_ours(prefix)) == 4
@@ -195,7 +199,7 @@ def test_nothing_left_after_exit_even_on_error() -> None:
                 time.sleep(0.02)
             seen = hosts.pids()
             assert len(seen) >= 5, seen  # sleep, sh + sleep, dbus-daemon, avahi-daemon
-            1 / 0
+            raise RuntimeError("fail inside the hosts context on purpose")
     assert _ours(prefix) == []
     assert not [p for p in seen if _alive(p)]
     assert not (OWNER_DIR / prefix).exists()

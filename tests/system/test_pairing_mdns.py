@@ -73,6 +73,6 @@ def test_paired_nodes_train_and_strangers_and_impostors_get_nothing(tmp_path):
 
 
 def _key_of(node) -> bytes:  # noqa: ANN001
-    from protocol.identity import Identity
+    from node.common.state import load_or_create_identity
 
-    return Identity.load_or_create(node.state_dir).public_key
+    return load_or_create_identity(node.state_dir).public_key

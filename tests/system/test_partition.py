@@ -32,7 +32,7 @@ def test_a_2_plus_2_partition_trains_on_both_sides_and_heals(tmp_path):
              "every node offline", nodes)
         split = [n.status() for n in nodes]
         wait(lambda: all(n.status()["offline_steps"] >= s["offline_steps"] + 3
-                         for n, s in zip(nodes, split)), 240, "3 offline steps on both sides",
+                         for n, s in zip(nodes, split, strict=True)), 240, "3 offline steps on both sides",
              nodes)
         during = [n.status() for n in nodes]
         for x in SIDES[0]:
@@ -45,7 +45,7 @@ def test_a_2_plus_2_partition_trains_on_both_sides_and_heals(tmp_path):
         metrics = [{r["round"]: r for r in n.metrics()} for n in nodes]
         after = [n.status() for n in nodes]
     # both sides kept training offline: no global round, each node's model moved on
-    for s, d in zip(split, during):
+    for s, d in zip(split, during, strict=True):
         assert d["mode"] == "offline" and d["quorum"] == {"need": 3, "have": 2}
         assert d["round"] == s["round"] and d["model_hash"] != s["model_hash"]
         assert len(d["members"]) == 2

@@ -49,6 +49,10 @@ from typing import ClassVar
 
 import numpy as np
 
+from node.common.weights import from_tensors
+from protocol.errors import ProtocolError
+from protocol.messages import Delta
+
 Weights = dict[str, np.ndarray]
 Spec = Mapping[str, tuple[str, tuple[int, ...]]]
 """Tensor name -> (dtype name, shape), in model order: what a decoded delta must be."""
@@ -204,7 +208,7 @@ class Codec(ABC):
         """
         tensors = _check_spec(spec)
         expected: set[str] = set()
-        for name, dt, shape in tensors:
+        for name, dt, _shape in tensors:
             if dt.kind in _EXACT_KINDS:
                 expected.add(name + RAW)
             else:
@@ -482,3 +486,14 @@ class ErrorFeedback:
                 raise ValueError(f"error feedback state: {name} is not a finite float array")
             new[name] = arr.astype(np.float64, copy=True)
         self._residual = new
+
+
+def decode_delta(delta: Delta, spec: list[tuple[str, str, tuple[int, ...]]]) -> Weights:
+    """Decode a compressed update against the federation's tensors ``spec`` (name, dtype,
+    shape): the dense difference to its base model (ProtocolError if malformed)."""
+    try:
+        codec = parse_codec(delta.codec)
+        return codec.decode(from_tensors(delta.weights),
+                            {name: (dtype, shape) for name, dtype, shape in spec})
+    except ValueError as exc:
+        raise ProtocolError(f"delta: {exc}") from None

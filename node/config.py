@@ -240,11 +240,11 @@ class NodeConfig:
         return replace(self, log_level=self.log_level.upper())
 
 
-_FIELD_TYPES = {f.name: f.type for f in fields(NodeConfig) if f.name != "extra"}
+FIELD_TYPES = {f.name: f.type for f in fields(NodeConfig) if f.name != "extra"}
 
 
-def _coerce(key: str, value: Any, source: str) -> Any:
-    kind = _FIELD_TYPES[key]
+def coerce(key: str, value: Any, source: str) -> Any:
+    kind = FIELD_TYPES[key]
     try:
         if kind in ("int",):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -298,9 +298,9 @@ def from_toml(path: str) -> dict[str, Any]:
         k = key.replace("-", "_")
         if k == "peer":
             k = "peers"
-        if k not in _FIELD_TYPES:
+        if k not in FIELD_TYPES:
             raise ConfigError(f"--config {path}: unknown key {key!r}")
-        out[k] = _coerce(k, value, f"--config {path}")
+        out[k] = coerce(k, value, f"--config {path}")
     return out
 
 
@@ -308,10 +308,10 @@ def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     """``FL_NODE_<FIELD>`` variables (e.g. FL_NODE_PORT, FL_NODE_PEERS=a:1,b:2)."""
     environ = dict(os.environ) if environ is None else environ
     out: dict[str, Any] = {}
-    for key in _FIELD_TYPES:
+    for key in FIELD_TYPES:
         value = environ.get(f"FL_NODE_{key.upper()}")
         if value is not None:
-            out[key] = _coerce(key, value, f"FL_NODE_{key.upper()}")
+            out[key] = coerce(key, value, f"FL_NODE_{key.upper()}")
     return out
 
 

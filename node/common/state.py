@@ -1,4 +1,4 @@
-"""What a node keeps in its state dir between runs (identity lives in protocol.identity).
+"""What a node keeps in its state dir between runs: its key, API token and sequence numbers.
 
 Sequence numbers must never go backwards, or peers would drop a restarted node as a
 replayer. Writing the counter on every message would cost an fsync per message, so the
@@ -14,24 +14,28 @@ import secrets
 import threading
 from pathlib import Path
 
+from node.common.files import atomic_write
+from protocol.identity import Identity
+
 SEQ_FILE = "seq.json"
+KEY_FILE = "node.key"
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync of the dir."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+def load_or_create_identity(state_dir: str | os.PathLike[str]) -> Identity:
+    """Load ``state_dir/node.key`` (the 32-byte Ed25519 seed) or create it (mode 0600) on
+    first start. A key file readable by others is tightened to 0600."""
+    path = Path(state_dir) / KEY_FILE
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+        seed = path.read_bytes()
+        if len(seed) != 32:
+            raise ValueError(f"{path}: corrupt key file ({len(seed)} bytes, expected 32)")
+        return Identity.from_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ident = Identity.generate()
+    atomic_write(path, ident.seed, mode=0o600)
+    return ident
 
 
 API_TOKEN_FILE = "api.token"

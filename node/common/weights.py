@@ -22,7 +22,7 @@ def to_tensors(weights: Mapping[str, np.ndarray]) -> list[Tensor]:
         if dtype not in DTYPE_ITEMSIZE:
             raise ValueError(f"{name}: dtype {dtype} cannot travel on the wire")
         # A view avoids a copy of large tensors; an empty one cannot be cast (zero shape).
-        data = memoryview(arr).cast("B") if arr.size else b""
+        data = arr.data.cast("B") if arr.size else b""
         out.append(Tensor(name, dtype, tuple(arr.shape), data))
     return out
 

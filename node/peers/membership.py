@@ -1,0 +1,117 @@
+"""Membership: the keys a node knows of, its links, and which keys are live members.
+
+A trusted key is a member while it has a link to us, or while signed announcements that
+name it keep coming through relays (newer than its last link drop, at most
+``member_timeout`` seconds apart). The round machine only sees members come and go
+(``peer_up`` / ``peer_down``); everything else a node knows of a key, trusted or not, is
+kept in its ``PeerStats`` for status.
+"""
+
+from __future__ import annotations
+
+from node.peers.peerstats import PeerStats
+from node.trust.policy import TrustPolicy
+from protocol.identity import node_id_from_key
+from protocol.rounds import RoundMachine
+
+
+class PeerTable:
+    """The peers one node knows of (``known``), its links, and live membership."""
+
+    def __init__(self, machine: RoundMachine, trust: TrustPolicy,
+                 member_timeout: float) -> None:
+        self.machine = machine
+        self.trust = trust
+        self.member_timeout = member_timeout
+        self.known: dict[bytes, PeerStats] = {}
+        self.links: set[bytes] = set()
+
+    def stats(self, key: bytes, name: str = "") -> PeerStats:
+        """The record of ``key`` (created on first sight)."""
+        st = self.known.get(key)
+        if st is None:
+            st = self.known[key] = PeerStats(name=name or node_id_from_key(key)[:9])
+        return st
+
+    def note_untrusted(self, key: bytes, name: str, address: str, now: float) -> None:
+        """A node completed a handshake (or was discovered) but is not trusted."""
+        st = self.stats(key, name)
+        st.name = name or st.name
+        st.address = address or st.address
+        st.last_seen = now
+
+    def note_discovered(self, key: bytes, name: str, address: str) -> None:
+        """Discovery found ``key`` at ``address``: shown in status. Discovery grants no
+        trust; a key trusted without proof (pinned, paired, open) is shown as such."""
+        st = self.stats(key, name)
+        st.discovered = True
+        st.address = st.address or address
+        if not st.trusted:
+            st.trusted = self.trust.static(key) is not None
+
+    def untrust(self, key: bytes, source: str) -> bool:
+        """Stop trusting ``key`` if it was trusted for ``source`` (a pairing removed);
+        True if it was."""
+        st = self.known.get(key)
+        if st is None or st.trust != source:
+            return False
+        st.trusted, st.trust = False, ""
+        return True
+
+    def up(self, key: bytes, name: str, round_number: int, address: str, trust: str,
+           now: float) -> None:
+        """A trusted peer's link is up (handshake and admission done)."""
+        st = self.stats(key, name)
+        st.name, st.address, st.rounds = name, address, round_number
+        st.state, st.last_seen = "connected", now
+        st.trusted, st.trust = True, trust
+        st.served_round = -1  # a new link: the peer may have restarted and lost the model
+        self.links.add(key)
+        self.set_member(key, True, now)
+
+    def down(self, key: bytes, now: float) -> None:
+        """A peer's link went down. It stays a member only if announcements heard after
+        this moment show it is still reachable through others."""
+        self.links.discard(key)
+        st = self.known.get(key)
+        if st is None:
+            return
+        st.link_down_at = now
+        self.set_member(key, self.reachable(key, now), now)
+
+    def reachable(self, key: bytes, now: float) -> bool:
+        """Whether ``key`` is trusted and linked, or announced through relays lately."""
+        st = self.known.get(key)
+        if st is None or not st.trusted:
+            return False
+        if key in self.links:
+            return True
+        return st.last_announce > st.link_down_at and now - st.last_announce <= self.member_timeout
+
+    def set_member(self, key: bytes, live: bool, now: float) -> None:
+        """Tell the round machine when ``key`` becomes or stops being a live member."""
+        st = self.stats(key)
+        if live and not st.member:
+            st.member = True
+            self.machine.peer_up(key, now, round=st.rounds, state=st.state)
+        elif not live and st.member:
+            st.member = False
+            self.machine.peer_down(key, now)
+
+    def expire(self, now: float) -> None:
+        """Expire relayed members whose announcements stopped."""
+        for key, st in list(self.known.items()):
+            if st.member and key not in self.links and not self.reachable(key, now):
+                self.set_member(key, False, now)
+
+    def peer_state(self, key: bytes, now: float) -> str:
+        """connected, relayed, suspect, gone, or untrusted, for status."""
+        st = self.known[key]
+        if not st.trusted:
+            return "untrusted"
+        if key in self.links:
+            return "connected"
+        if st.member:
+            age = now - st.last_announce
+            return "relayed" if age <= self.member_timeout / 2 else "suspect"
+        return "gone"
