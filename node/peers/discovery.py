@@ -29,30 +29,19 @@ from typing import Protocol
 from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from node.config import NodeConfig
+from node.trust.pair_flow import DialingNode
 from protocol.envelope import PROTOCOL_VERSION
 from protocol.identity import node_id_from_key
 
 
-class DiscoveryHost(Protocol):
-    """What discovery needs of a node (node.runtime.supervisor.Node provides it)."""
+class DiscoveryHost(DialingNode, Protocol):
+    """What discovery needs of a node besides ``DialingNode``."""
 
     @property
     def node_id(self) -> str: ...
 
     @property
-    def public_key(self) -> bytes: ...
-
-    @property
-    def config(self) -> NodeConfig: ...
-
-    @property
-    def peer_port(self) -> int: ...
-
-    @property
     def addresses(self) -> tuple[str, ...]: ...
-
-    def dial(self, address: str, key: bytes | str | None = None) -> None: ...
 
     def undial(self, address: str, key: bytes | str | None = None) -> None: ...
 

@@ -412,5 +412,7 @@ class Simulation:
         return [n for n in self.nodes if n.alive]
 
     def all_done(self, rounds: int) -> bool:
-        """True when every live node has committed ``rounds`` rounds."""
-        return all(n.core.machine.completed >= rounds for n in self.alive())
+        """True when every live node that takes part has committed ``rounds`` rounds (a
+        node stopped by its privacy budget no longer does)."""
+        return all(n.core.machine.completed >= rounds for n in self.alive()
+                   if n.executor.stopped_reason is None)

@@ -46,11 +46,9 @@ class PairingCore(Protocol):
     def reject(self, key: bytes | None, reason: str) -> None: ...
 
 
-class PairingHost(Protocol):
-    """What pairing needs of a node (node.runtime.supervisor.Node provides it)."""
-
-    @property
-    def core(self) -> PairingCore: ...
+class DialingNode(Protocol):
+    """A node as pairing and discovery see it: who it is, where it listens, and how to
+    have it keep a link to an address (node.runtime.supervisor.Node provides it)."""
 
     @property
     def public_key(self) -> bytes: ...
@@ -61,13 +59,20 @@ class PairingHost(Protocol):
     @property
     def peer_port(self) -> int: ...
 
+    def dial(self, address: str, key: bytes | str | None = None) -> None: ...
+
+
+class PairingHost(DialingNode, Protocol):
+    """What pairing needs of a node besides ``DialingNode``."""
+
+    @property
+    def core(self) -> PairingCore: ...
+
     @property
     def pairing_tokens(self) -> TokenBook: ...
 
     @property
     def trust_store(self) -> TrustStore: ...
-
-    def dial(self, address: str, key: bytes | str | None = None) -> None: ...
 
 log = logging.getLogger(__name__)
 

@@ -4,6 +4,8 @@ seed; a failure names its seed."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from .schedules import check_invariants, run_schedule, split_rounds
@@ -13,27 +15,32 @@ from .schedules import check_invariants, run_schedule, split_rounds
 MAX_MINORITY_SPLITS = 0.01
 
 
-def _run(seeds: range) -> tuple[int, int]:
-    """Check every seed; return how many schedules sent some node offline, and in how
-    many a second model for a round reached a minority."""
-    offline = splits = 0
+def _run(seeds: range) -> Counter[str]:
+    """Check every seed; count the schedules that sent some node offline, sent compressed
+    updates, stopped a node on its budget, and in which a second model for a round
+    reached a minority."""
+    seen: Counter[str] = Counter()
     for seed in seeds:
         sim = run_schedule(seed)
         check_invariants(sim, seed, sim.nodes[0].core.machine.rounds_total)
-        offline += any(n.offline_steps for n in sim.nodes)
-        splits += split_rounds(sim) > 0
-    return offline, splits
+        seen["offline"] += any(n.offline_steps for n in sim.nodes)
+        seen["compressed"] += sim.nodes[0].executor.codec.name != "none"
+        seen["budget"] += any(n.executor.stopped_reason for n in sim.nodes)
+        seen["splits"] += split_rounds(sim) > 0
+    return seen
 
 
 def test_fifty_random_schedules_keep_the_invariants():
-    offline, splits = _run(range(50))
-    # partitions cut a minority off often enough that offline averaging is exercised
-    assert offline >= 5
-    assert splits == 0
+    seen = _run(range(50))
+    # partitions cut a minority off often enough that offline averaging is exercised,
+    # and the shared executor's compression and budget stops are exercised too
+    assert seen["offline"] >= 5 and seen["compressed"] >= 10 and seen["budget"] >= 3, seen
+    assert seen["splits"] == 0
 
 
 @pytest.mark.slow
 def test_five_hundred_random_schedules_keep_the_invariants():
-    offline, splits = _run(range(50, 550))
-    assert offline >= 50
+    seen = _run(range(50, 550))
+    assert seen["offline"] >= 50 and seen["compressed"] >= 100 and seen["budget"] >= 30, seen
+    splits = seen["splits"]
     assert splits <= MAX_MINORITY_SPLITS * 500, f"{splits} of 500 schedules split a round"
