@@ -7,8 +7,9 @@ stops. It owns the node's weights and the order of work: round work runs first a
 order; evaluations wait until the worker is idle, but never for more than one further
 training step.
 
-It does no I/O of its own. Work that blocks is written as a *job*: a generator that
-yields ``Blocking`` calls (train, aggregate, encode, write) and receives their results.
+It does no I/O of its own. Work that blocks is written as a *job* (node.runtime.jobs):
+a generator that yields ``Blocking`` calls (train, aggregate, encode, write) and receives
+their results.
 The daemon runs each yielded call on a worker thread; the simulation runs it at once and
 resumes the job after a simulated delay. Frames go out through the node core's outbox
 (``NodeCore.take_sends``), which each driver flushes its own way. Checkpoints go to a
@@ -22,8 +23,7 @@ import collections
 import logging
 import threading
 from collections.abc import Callable, Generator, Iterable
-from dataclasses import dataclass, field
-from typing import Any, Protocol, assert_never
+from typing import Any, assert_never
 
 import numpy as np
 
@@ -31,6 +31,14 @@ from node.common.compress import Codec, ErrorFeedback, apply_delta, decode_delta
 from node.common.health import Health
 from node.common.weights import from_tensors, to_tensors
 from node.peers.core import NodeCore
+from node.runtime.jobs import (
+    Blocking,
+    CheckpointWriter,
+    EventSink,
+    Job,
+    QueuedJob,
+    RoundLog,
+)
 from node.runtime.learner import Learner, Weights
 from node.runtime.records import RoundRecord
 from protocol.errors import ProtocolError
@@ -57,79 +65,6 @@ log = logging.getLogger(__name__)
 THREAD_ENCODE_MIN_PARAMS = 256 * 1024
 #: Notes logged as warnings (the rest at INFO).
 _WARNING_NOTES = frozenset({"aggregator_failed", "model_conflict"})
-
-
-@dataclass(frozen=True)
-class Blocking:
-    """A call that may block, yielded by a job: ``fn(*args)``, of a ``kind`` (``train``,
-    ``aggregate``, ``average``, ``evaluate``, ``encode``, ``io``) that lets a simulation
-    charge it a duration."""
-
-    kind: str
-    fn: Callable[..., Any]
-    args: tuple[Any, ...] = ()
-
-
-#: A unit of work: yields blocking calls, receives their results.
-Job = Generator[Blocking, Any, None]
-
-
-def advance(job: Job, result: Any = None, error: Exception | None = None,
-            *, first: bool = False) -> Blocking | None:
-    """Resume ``job`` with the result (or exception) of its last blocking call; the next
-    call it wants, or None when it is done. An exception the job does not handle
-    propagates: that is the job's failure."""
-    try:
-        if first:
-            return next(job)
-        if error is not None:
-            return job.throw(error)
-        return job.send(result)
-    except StopIteration:
-        return None
-
-
-def run_now(job: Job) -> None:
-    """Run ``job`` to its end on this thread (the simulation, and small jobs)."""
-    call = advance(job, first=True)
-    while call is not None:
-        try:
-            result = call.fn(*call.args)
-        except Exception as exc:  # noqa: BLE001 (thrown into the job, which decides)
-            call = advance(job, error=exc)
-        else:
-            call = advance(job, result)
-
-
-@dataclass
-class QueuedJob:
-    """A job waiting for the worker, with the action it carries out."""
-
-    kind: str
-    action: object
-    job: Job = field(repr=False)
-
-
-class CheckpointWriter(Protocol):
-    """Where checkpoints go (node.runtime.checkpoints.CheckpointStore, or memory)."""
-
-    def save(self, round_number: int, digest: bytes, frame: bytes) -> object: ...
-
-    def save_offline(self, round_number: int, digest: bytes, frame: bytes) -> object: ...
-
-
-class RoundLog(Protocol):
-    """Where per-round records go (node.runtime.checkpoints.NodeDB, or memory)."""
-
-    def record_round(self, row: dict[str, Any]) -> None: ...
-
-
-class EventSink(Protocol):
-    """Where events go: ``note`` for the event log, ``publish`` for live clients."""
-
-    def note(self, kind: str, detail: str) -> None: ...
-
-    def publish(self, event: str, data: dict[str, Any]) -> None: ...
 
 
 class Executor:

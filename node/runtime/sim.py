@@ -26,7 +26,8 @@ from node.common.health import Health
 from node.common.state import SequenceCounter
 from node.common.weights import to_tensors
 from node.peers.core import NodeCore
-from node.runtime.executor import Executor, QueuedJob, advance, run_now
+from node.runtime.executor import Executor
+from node.runtime.jobs import QueuedJob, advance, run_now
 from node.runtime.restore import restore
 from node.runtime.simparts import MemoryCheckpoints, MemoryLog, SimEvents, VectorLearner
 from node.trust.policy import TrustPolicy

@@ -36,7 +36,8 @@ from node.peers.core import NodeCore
 from node.peers.transport import Link, PeerTransport, now
 from node.runtime.checkpoints import NodeDB
 from node.runtime.control import NodeControl, NodeEvents
-from node.runtime.executor import Executor, Job, QueuedJob, advance
+from node.runtime.executor import Executor
+from node.runtime.jobs import Job, QueuedJob, advance
 from node.runtime.learner import Learner
 from node.trust.pair_flow import PAIR_PATH, Pairing, handle_pair_request
 from node.trust.pairing import TokenBook
