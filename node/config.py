@@ -10,6 +10,7 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -175,13 +176,18 @@ class NodeConfig:
         return self.state_dir or default_state_dir(self.name)
 
     def validated(self) -> NodeConfig:
-        """Return self if every value is acceptable, else raise ConfigError."""
+        """Return self if every value is acceptable, else raise ConfigError naming every
+        problem."""
+        problems = [*self._network_problems(), *self._data_problems(),
+                    *self._learning_problems(), *self._runtime_problems()]
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return replace(self, log_level=self.log_level.upper())
+
+    def _network_problems(self) -> list[str]:
+        """What is wrong with the addresses, ports, peers and the web host settings."""
         problems: list[str] = []
-
-        def need(ok: bool, text: str) -> None:
-            if not ok:
-                problems.append(text)
-
+        need = _collector(problems)
         need(bool(_NAME_RE.fullmatch(self.name)), f"--name {self.name!r}: 1-64 letters, digits, . _ -")
         need(bool(_NAME_RE.fullmatch(self.federation)), f"--federation {self.federation!r}: 1-64"
              " letters, digits, . _ -")
@@ -199,6 +205,12 @@ class NodeConfig:
              f"--web-host {self.web_host}: the web API (control plane) is reachable from"
              " other machines there; add --web-public to allow it")
         need(self.wait_peers is None or self.wait_peers >= 0, "--wait-peers: must be >= 0")
+        return problems
+
+    def _data_problems(self) -> list[str]:
+        """What is wrong with the data set, partitioning and local training settings."""
+        problems: list[str] = []
+        need = _collector(problems)
         need(self.dataset in DATASETS or bool(self.plugins),
              f"--dataset {self.dataset!r}: one of {', '.join(DATASETS)} (or one a --plugin"
              " registers)")
@@ -211,6 +223,12 @@ class NodeConfig:
         need(self.local_epochs >= 1, "--local-epochs: must be >= 1")
         need(self.batch_size >= 1, "--batch-size: must be >= 1")
         need(0 < self.lr <= 10, f"--lr {self.lr}: must be in (0, 10]")
+        return problems
+
+    def _learning_problems(self) -> list[str]:
+        """What is wrong with the aggregation and differential privacy settings."""
+        problems: list[str] = []
+        need = _collector(problems)
         need(self.mu is None or self.mu >= 0, f"--mu {self.mu}: must be >= 0")
         need(self.trim_beta is None or 0 <= self.trim_beta < 0.5,
              f"--trim-beta {self.trim_beta}: must be in [0, 0.5)")
@@ -226,6 +244,12 @@ class NodeConfig:
              "--noise-multiplier: must be > 0")
         need(not self.dp or self.target_epsilon is not None or self.noise_multiplier is not None,
              "--dp needs --target-epsilon (a budget) or --noise-multiplier")
+        return problems
+
+    def _runtime_problems(self) -> list[str]:
+        """What is wrong with the timing, gossip, size, logging and download settings."""
+        problems: list[str] = []
+        need = _collector(problems)
         need(self.round_timeout > 0, "--round-timeout: must be > 0")
         need(self.start_timeout >= 0, "--start-timeout: must be >= 0")
         need(self.heartbeat_interval > 0, "--heartbeat-interval: must be > 0")
@@ -235,9 +259,17 @@ class NodeConfig:
         need(self.log_level.upper() in LOG_LEVELS, f"--log-level: one of {', '.join(LOG_LEVELS)}")
         if self.download and self.dataset in ("digits", "synthetic"):
             problems.append(f"--download: {self.dataset} needs no download")
-        if problems:
-            raise ConfigError("; ".join(problems))
-        return replace(self, log_level=self.log_level.upper())
+        return problems
+
+
+def _collector(problems: list[str]) -> Callable[[bool, str], None]:
+    """``need(ok, text)``: adds ``text`` to ``problems`` unless ``ok``."""
+
+    def need(ok: bool, text: str) -> None:
+        if not ok:
+            problems.append(text)
+
+    return need
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(NodeConfig) if f.name != "extra"}

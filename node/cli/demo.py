@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from node.common.endpoint import read_endpoint
+from node.common.endpoint import endpoint_url, read_endpoint
 
 DEMO_DEFAULTS: dict[str, Any] = {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "rounds": 5}
 
@@ -81,67 +81,19 @@ def run_demo(args: argparse.Namespace) -> int:
     if n < 1:
         print("fl-node demo: --nodes must be >= 1", file=sys.stderr)
         return 2
-    keys = ("dataset", "data_dir", "download", "model", "partition", "alpha", "seed", "rounds",
-            "local_epochs", "batch_size", "lr", "round_timeout", "log_level")
-    opts: dict[str, Any] = {k: getattr(args, k, None) for k in keys}
-    for k, v in DEMO_DEFAULTS.items():
-        if opts.get(k) is None:
-            opts[k] = v
-    opts["log_level"] = opts.get("log_level") or "WARNING"
+    opts = _demo_options(args)
     base = Path(args.base_dir) if args.base_dir else Path(tempfile.mkdtemp(prefix="fl-demo-"))
     procs: list[subprocess.Popen[bytes]] = []
-    endpoints: list[dict[str, Any]] = []
-    # The demo's nodes admit each other by a federation secret made for this run.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", FL_NODE_FEDERATION_SECRET=secrets.token_hex(16))
     print(f"fl-node demo: {n} nodes on 127.0.0.1, {opts['dataset']}, {opts['partition']}"
           f" partitions, {opts['rounds']} rounds (state in {base})", flush=True)
     interrupted = False
     try:
-        for i in range(n):
-            sd = base / f"node-{i + 1}"
-            sd.mkdir(parents=True, exist_ok=True)
-            peers = [f"127.0.0.1:{e['peer_port']}" for e in endpoints]
-            proc = subprocess.Popen(node_command(i, n, sd, peers, opts), env=env,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            procs.append(proc)
-            endpoints.append(wait_endpoint(sd, proc))
-            print(f"  node-{i + 1} {endpoints[-1]['node_id']} peer port"
-                  f" {endpoints[-1]['peer_port']}, web http://127.0.0.1:"
-                  f"{endpoints[-1]['web_port']}/api/status", flush=True)
-        rounds = int(opts["rounds"])
-        seen = 0
-        while True:
-            statuses = []
-            for e in endpoints:
-                with contextlib.suppress(OSError, ValueError):
-                    statuses.append(get_json(e["web_port"], "/api/status"))
-            if len(statuses) < n and any(p.poll() is not None for p in procs):
-                print("fl-node demo: a node exited early; see its node.log", file=sys.stderr)
-                return 1
-            done = min((s["round"] for s in statuses), default=0)
-            if seen < done:
-                with contextlib.suppress(OSError, ValueError):
-                    records = get_json(endpoints[0]["web_port"], "/api/metrics")["rounds"]
-                    for rec in records[seen:done]:
-                        print(f"  round {rec['round']}/{rounds} done: accuracy"
-                              f" {rec['accuracy']:.3f}, aggregator {rec['aggregator']}",
-                              flush=True)
-                    seen = max(seen, min(done, len(records)))
-            if len(statuses) == n and all(s["evaluated_round"] >= rounds for s in statuses):
-                break
-            time.sleep(0.25)
-        history = get_json(endpoints[0]["web_port"], "/api/metrics")["rounds"]
-        names = {e["node_id"]: f"node-{i + 1}" for i, e in enumerate(endpoints)}
-        hashes = {s["model_hash"] for s in statuses}
-        print()
-        print(f"{'round':>5}  {'accuracy':>8}  {'loss':>7}  {'aggregator':<10}  {'time s':>6}")
-        for r in history:
-            print(f"{r['round']:>5}  {r['accuracy']:>8.4f}  {r['loss']:>7.4f}  "
-                  f"{names.get(r['aggregator'], r['aggregator'][:10]):<10}  "
-                  f"{r['round_seconds']:>6.2f}")
-        print(f"\nall {n} nodes hold model {next(iter(hashes))[:16]}" if len(hashes) == 1
-              else f"\nnodes disagree on the model: {sorted(hashes)}")
-        return 0 if len(hashes) == 1 else 1
+        endpoints = _start_nodes(n, base, opts, procs)
+        statuses = _follow(endpoints, procs, int(opts["rounds"]))
+        if statuses is None:
+            print("fl-node demo: a node exited early; see its node.log", file=sys.stderr)
+            return 1
+        return _report(endpoints, statuses)
     except KeyboardInterrupt:
         interrupted = True
         print("\nfl-node demo: interrupted, stopping nodes", file=sys.stderr)
@@ -153,3 +105,78 @@ def run_demo(args: argparse.Namespace) -> int:
             shutil.rmtree(base, ignore_errors=True)
         if interrupted:
             print("fl-node demo: stopped", file=sys.stderr)
+
+
+def _demo_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The nodes' options: the flags given, else the demo's defaults."""
+    keys = ("dataset", "data_dir", "download", "model", "partition", "alpha", "seed", "rounds",
+            "local_epochs", "batch_size", "lr", "round_timeout", "log_level")
+    opts: dict[str, Any] = {k: getattr(args, k, None) for k in keys}
+    for k, v in DEMO_DEFAULTS.items():
+        if opts.get(k) is None:
+            opts[k] = v
+    opts["log_level"] = opts.get("log_level") or "WARNING"
+    return opts
+
+
+def _start_nodes(n: int, base: Path, opts: dict[str, Any],
+                 procs: list[subprocess.Popen[bytes]]) -> list[dict[str, Any]]:
+    """Start the nodes one by one, each with the earlier ones as peers; their endpoints."""
+    endpoints: list[dict[str, Any]] = []
+    # The demo's nodes admit each other by a federation secret made for this run.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FL_NODE_FEDERATION_SECRET=secrets.token_hex(16))
+    for i in range(n):
+        sd = base / f"node-{i + 1}"
+        sd.mkdir(parents=True, exist_ok=True)
+        peers = [f"127.0.0.1:{e['peer_port']}" for e in endpoints]
+        proc = subprocess.Popen(node_command(i, n, sd, peers, opts), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(proc)
+        endpoints.append(wait_endpoint(sd, proc))
+        print(f"  node-{i + 1} {endpoints[-1]['node_id']} peer port"
+              f" {endpoints[-1]['peer_port']}, web {endpoint_url(endpoints[-1])}/api/status",
+              flush=True)
+    return endpoints
+
+
+def _follow(endpoints: list[dict[str, Any]], procs: list[subprocess.Popen[bytes]],
+            rounds: int) -> list[dict[str, Any]] | None:
+    """Print each round as it completes until every node evaluated the last one; the
+    nodes' final statuses (None if a node exited early)."""
+    seen = 0
+    while True:
+        statuses = []
+        for e in endpoints:
+            with contextlib.suppress(OSError, ValueError):
+                statuses.append(get_json(e["web_port"], "/api/status"))
+        if len(statuses) < len(endpoints) and any(p.poll() is not None for p in procs):
+            return None
+        done = min((s["round"] for s in statuses), default=0)
+        if seen < done:
+            with contextlib.suppress(OSError, ValueError):
+                records = get_json(endpoints[0]["web_port"], "/api/metrics")["rounds"]
+                for rec in records[seen:done]:
+                    print(f"  round {rec['round']}/{rounds} done: accuracy"
+                          f" {rec['accuracy']:.3f}, aggregator {rec['aggregator']}",
+                          flush=True)
+                seen = max(seen, min(done, len(records)))
+        if len(statuses) == len(endpoints) and all(s["evaluated_round"] >= rounds
+                                                   for s in statuses):
+            return statuses
+        time.sleep(0.25)
+
+
+def _report(endpoints: list[dict[str, Any]], statuses: list[dict[str, Any]]) -> int:
+    """Print the per-round table and whether every node holds one model (0 if so)."""
+    history = get_json(endpoints[0]["web_port"], "/api/metrics")["rounds"]
+    names = {e["node_id"]: f"node-{i + 1}" for i, e in enumerate(endpoints)}
+    hashes = {s["model_hash"] for s in statuses}
+    print()
+    print(f"{'round':>5}  {'accuracy':>8}  {'loss':>7}  {'aggregator':<10}  {'time s':>6}")
+    for r in history:
+        print(f"{r['round']:>5}  {r['accuracy']:>8.4f}  {r['loss']:>7.4f}  "
+              f"{names.get(r['aggregator'], r['aggregator'][:10]):<10}  "
+              f"{r['round_seconds']:>6.2f}")
+    print(f"\nall {len(endpoints)} nodes hold model {next(iter(hashes))[:16]}"
+          if len(hashes) == 1 else f"\nnodes disagree on the model: {sorted(hashes)}")
+    return 0 if len(hashes) == 1 else 1
