@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from node.common.endpoint import endpoint_url, read_endpoint
+from node.common.endpoint import read_endpoint
 
 DEMO_DEFAULTS: dict[str, Any] = {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "rounds": 5}
 
@@ -134,8 +134,8 @@ def _start_nodes(n: int, base: Path, opts: dict[str, Any],
         procs.append(proc)
         endpoints.append(wait_endpoint(sd, proc))
         print(f"  node-{i + 1} {endpoints[-1]['node_id']} peer port"
-              f" {endpoints[-1]['peer_port']}, web {endpoint_url(endpoints[-1])}/api/status",
-              flush=True)
+              f" {endpoints[-1]['peer_port']}, web http://127.0.0.1:"
+              f"{endpoints[-1]['web_port']}/api/status", flush=True)
     return endpoints
 
 

@@ -1,7 +1,8 @@
 """The ``fl-node`` argument parser: every command, flag, help text and default.
 
-Defaults shown in help come from ``NodeConfig`` (node/config.py), which also reads TOML
-and the environment; a new flag needs a ``NodeConfig`` field and an entry here.
+The options are tables, one row per flag, which a small loop turns into ``add_argument``
+calls. Defaults shown in help come from ``NodeConfig`` (node/config.py), which also reads
+TOML and the environment; a new flag needs a ``NodeConfig`` field and a row here.
 """
 
 from __future__ import annotations
@@ -35,31 +36,149 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_node_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by `start` (all) and `demo` (the training ones)."""
-    d = NodeConfig()
-    g = p.add_argument_group("training")
-    g.add_argument("--dataset", choices=DATASETS, help=f"data set (default {d.dataset})")
-    g.add_argument("--data-dir", help="where mnist / fashion-mnist / cifar10 files live")
-    g.add_argument("--download", action="store_true", default=None,
-                   help="download a torchvision data set into --data-dir if missing")
-    g.add_argument("--model", help=f"model name from the registry: cnn, mlp, linear"
-                   f" (default {d.model})")
-    g.add_argument("--partition", choices=PARTITIONS, help=f"how data is split (default"
-                   f" {d.partition})")
-    g.add_argument("--alpha", type=float, help=f"Dirichlet concentration (default {d.alpha})")
-    g.add_argument("--seed", type=int, help=f"shared seed: genesis model, partitions"
-                   f" (default {d.seed})")
-    g.add_argument("--rounds", type=int, help=f"rounds to train (default {d.rounds})")
-    g.add_argument("--local-epochs", type=int, help=f"local epochs per round (default"
-                   f" {d.local_epochs})")
-    g.add_argument("--batch-size", type=int, help=f"batch size (default {d.batch_size})")
-    g.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
-    g.add_argument("--round-timeout", type=float, help=f"seconds an aggregator waits for"
-                   f" updates (default {d.round_timeout:g})")
-    g.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
-                   help=f"(default {d.log_level})")
-    g.add_argument("--log-file", help="also write the log to this file")
+#: An option: its argument group (None: the command's own options), its flag, and the
+#: keywords of ``add_argument``. A ``help`` text may show a default as ``{d.FIELD}``,
+#: filled in from ``NodeConfig()``.
+Option = tuple[str | None, str, dict[str, Any]]
+
+TRAINING = "training"
+LEARNING = "aggregation, compression and privacy (docs/strategies.md)"
+
+#: The training options, shared by ``start`` (all of them) and ``demo``.
+TRAINING_OPTIONS: tuple[Option, ...] = (
+    (TRAINING, "--dataset", {"choices": DATASETS, "help": "data set (default {d.dataset})"}),
+    (TRAINING, "--data-dir", {"help": "where mnist / fashion-mnist / cifar10 files live"}),
+    (TRAINING, "--download", {"action": "store_true", "default": None,
+                              "help": "download a torchvision data set into --data-dir if"
+                              " missing"}),
+    (TRAINING, "--model", {"help": "model name from the registry: cnn, mlp, linear"
+                           " (default {d.model})"}),
+    (TRAINING, "--partition", {"choices": PARTITIONS, "help": "how data is split (default"
+                               " {d.partition})"}),
+    (TRAINING, "--alpha", {"type": float, "help": "Dirichlet concentration (default"
+                           " {d.alpha})"}),
+    (TRAINING, "--seed", {"type": int, "help": "shared seed: genesis model, partitions"
+                          " (default {d.seed})"}),
+    (TRAINING, "--rounds", {"type": int, "help": "rounds to train (default {d.rounds})"}),
+    (TRAINING, "--local-epochs", {"type": int, "help": "local epochs per round (default"
+                                  " {d.local_epochs})"}),
+    (TRAINING, "--batch-size", {"type": int, "help": "batch size (default {d.batch_size})"}),
+    (TRAINING, "--lr", {"type": float, "help": "learning rate (default {d.lr})"}),
+    (TRAINING, "--round-timeout", {"type": float, "help": "seconds an aggregator waits for"
+                                   " updates (default {d.round_timeout:g})"}),
+    (TRAINING, "--log-level", {"type": str.upper, "choices": LOG_LEVELS,
+                               "help": "(default {d.log_level})"}),
+    (TRAINING, "--log-file", {"help": "also write the log to this file"}),
+)
+
+#: ``fl-node start``: every option of a node, in the order ``--help`` shows them.
+START_OPTIONS: tuple[Option, ...] = (
+    (None, "--config", {"help": "TOML file with the same keys as these flags"}),
+    (None, "--name", {"help": "human name of this node (default {d.name})"}),
+    (None, "--state-dir", {"help": "key, sequence numbers, endpoint file (default"
+                           " ~/.local/state/fl-node/NAME)"}),
+    (None, "--federation", {"help": "federation name (default {d.federation})"}),
+    (None, "--host", {"help": "address for peer traffic (default {d.host})"}),
+    (None, "--port", {"type": int, "help": "peer port, 0 = any free (default {d.port})"}),
+    (None, "--web-host", {"help": "address of the web API (default {d.web_host})"}),
+    (None, "--web-port", {"type": int, "help": "web API port, 0 = any free (default"
+                          " {d.web_port})"}),
+    (None, "--peer", {"action": "append", "dest": "peers", "metavar": "[KEY@]HOST:PORT",
+                      "help": "a peer to connect to (repeatable); with KEY (node id or"
+                      " public key) that key is required of it, and trusted"}),
+    (None, "--federation-secret-file", {"metavar": "FILE",
+                                        "help": "file holding the federation secret (or set"
+                                        " FL_NODE_FEDERATION_SECRET); members prove it"
+                                        " without sending it"}),
+    (None, "--open", {"action": "store_true", "default": None,
+                      "help": "trust every node of the same federation name (INSECURE:"
+                      " local demos only)"}),
+    (None, "--no-mdns", {"dest": "mdns", "action": "store_false", "default": None,
+                         "help": "do not announce or discover nodes by mDNS"}),
+    (None, "--mdns-interface", {"dest": "mdns_interfaces", "action": "append",
+                                "metavar": "IP", "help": "address of an interface for mDNS"
+                                " (repeatable; default all)"}),
+    (None, "--announce-interval", {"type": float, "help": "seconds between gossiped"
+                                   " announcements (default 2)"}),
+    (None, "--fanout", {"type": int, "help": "peers each gossip message is forwarded to"
+                        " (default 4)"}),
+    (None, "--min-peers", {"type": _positive_int,
+                           "help": "peers an elected round needs; below that the node trains"
+                           " offline and averages with the peers it reaches (default: a"
+                           " majority of the --peer federation, (peers+1)//2; 0 without"
+                           " --peer)"}),
+    (None, "--wait-peers", {"type": _positive_int,
+                            "help": "peers a fresh node waits for before round 1 (default:"
+                            " every --peer, at least --min-peers)"}),
+    (None, "--start-timeout", {"type": float, "help": "seconds to wait for --wait-peers"
+                               " before starting anyway (default {d.start_timeout:g})"}),
+    (None, "--num-partitions", {"type": int, "help": "how many shards the data is split"
+                                " into (one per node)"}),
+    (None, "--partition-index", {"type": int, "help": "which shard this node trains on"}),
+    (None, "--plugin", {"dest": "plugins", "action": "append", "metavar": "MODULE",
+                        "help": "import MODULE first: it may register data sets and models"
+                        " (docs/extending.md; repeatable)"}),
+    (LEARNING, "--strategy", {"help": "fedavg (default), fedprox, fedadam, fedyogi, median,"
+                              " trimmed-mean, krum, multi-krum, or package.module:Name (your"
+                              " own)"}),
+    (LEARNING, "--mu", {"type": float, "help": "FedProx proximal term (default 0.01)"}),
+    (LEARNING, "--trim-beta", {"type": float, "help": "trimmed mean: fraction cut at each"
+                               " end (default 0.2)"}),
+    (LEARNING, "--krum-f", {"type": int, "help": "Krum/Multi-Krum: attackers tolerated"
+                            " (default 1)"}),
+    (LEARNING, "--multi-krum-m", {"type": int, "help": "Multi-Krum: updates averaged"
+                                  " (default n - f)"}),
+    (LEARNING, "--server-lr", {"type": float, "help": "FedAdam/FedYogi server learning"
+                               " rate"}),
+    (LEARNING, "--clip-norm", {"type": float, "help": "clip each update's change to this L2"
+                               " norm before aggregating"}),
+    (LEARNING, "--compress", {"help": "updates on the wire: none (default), fp16, int8,"
+                              " topk:FRACTION (with error feedback)"}),
+    (LEARNING, "--dp", {"action": "store_true", "default": None,
+                        "help": "local DP-SGD (Opacus) with a lifetime privacy budget"}),
+    (LEARNING, "--target-epsilon", {"type": float, "help": "the budget: training stops"
+                                    " before it would be exceeded"}),
+    (LEARNING, "--delta", {"type": float, "help": "DP delta (default 1e-5)"}),
+    (LEARNING, "--max-grad-norm", {"type": float, "help": "DP per-sample gradient clip"
+                                   " (default 1.0)"}),
+    (LEARNING, "--noise-multiplier", {"type": float, "help": "DP noise (default: derived"
+                                      " from --target-epsilon for the planned rounds)"}),
+    (None, "--web-public", {"action": "store_true", "default": None,
+                            "help": "allow --web-host to be a non-loopback address (the API"
+                            " token still guards every change; a warning is logged)"}),
+    (None, "--web-allowed-host", {"dest": "web_allowed_hosts", "action": "append",
+                                  "metavar": "HOST[:PORT]", "help": "another Host/Origin"
+                                  " name the web API answers to (repeatable; e.g. a reverse"
+                                  " proxy's name)"}),
+    (None, "--tui", {"action": "store_true", "default": None,
+                     "help": "show the terminal UI in this terminal while the node runs (the"
+                     " node logs to a file)"}),
+    (None, "--max-message-size", {"type": int, "help": "largest accepted frame, bytes"}),
+    *TRAINING_OPTIONS,
+)
+
+#: ``fl-node demo``: several nodes on this machine.
+DEMO_OPTIONS: tuple[Option, ...] = (
+    (None, "--nodes", {"type": int, "default": 3, "help": "how many nodes (default 3)"}),
+    (None, "--base-dir", {"help": "state dirs go here (default: a temporary dir)"}),
+    *TRAINING_OPTIONS,
+)
+
+
+def add_options(parser: argparse.ArgumentParser, options: tuple[Option, ...],
+                defaults: NodeConfig) -> None:
+    """Add each option of the table to ``parser`` (or to its group, made on first use),
+    with the defaults its help shows taken from ``defaults``."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for group, flag, kwargs in options:
+        target: argparse._ActionsContainer = parser
+        if group is not None:
+            if group not in groups:
+                groups[group] = parser.add_argument_group(group)
+            target = groups[group]
+        if "help" in kwargs:
+            kwargs = {**kwargs, "help": kwargs["help"].format(d=defaults)}
+        target.add_argument(flag, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,100 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fl-node", description="Peer-to-peer federated-learning node.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = NodeConfig()
-    _start_parser(sub, d)
-    demo = sub.add_parser("demo", help="run several nodes on this machine and report")
-    demo.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
-    demo.add_argument("--base-dir", help="state dirs go here (default: a temporary dir)")
-    add_node_options(demo)
+    add_options(sub.add_parser("start", help="run one node"), START_OPTIONS, d)
+    add_options(sub.add_parser("demo", help="run several nodes on this machine and report"),
+                DEMO_OPTIONS, d)
     _local_parsers(sub, d)
     return parser
-
-
-def _start_parser(sub: Any, d: NodeConfig) -> None:
-    """``fl-node start``: every option of a node."""
-    start = sub.add_parser("start", help="run one node")
-    start.add_argument("--config", help="TOML file with the same keys as these flags")
-    start.add_argument("--name", help=f"human name of this node (default {d.name})")
-    start.add_argument("--state-dir", help="key, sequence numbers, endpoint file (default"
-                       " ~/.local/state/fl-node/NAME)")
-    start.add_argument("--federation", help=f"federation name (default {d.federation})")
-    start.add_argument("--host", help=f"address for peer traffic (default {d.host})")
-    start.add_argument("--port", type=int, help=f"peer port, 0 = any free (default {d.port})")
-    start.add_argument("--web-host", help=f"address of the web API (default {d.web_host})")
-    start.add_argument("--web-port", type=int, help=f"web API port, 0 = any free (default"
-                       f" {d.web_port})")
-    start.add_argument("--peer", action="append", dest="peers", metavar="[KEY@]HOST:PORT",
-                       help="a peer to connect to (repeatable); with KEY (node id or public"
-                       " key) that key is required of it, and trusted")
-    start.add_argument("--federation-secret-file", metavar="FILE",
-                       help="file holding the federation secret (or set"
-                       " FL_NODE_FEDERATION_SECRET); members prove it without sending it")
-    start.add_argument("--open", action="store_true", default=None,
-                       help="trust every node of the same federation name (INSECURE: local"
-                       " demos only)")
-    start.add_argument("--no-mdns", dest="mdns", action="store_false", default=None,
-                       help="do not announce or discover nodes by mDNS")
-    start.add_argument("--mdns-interface", dest="mdns_interfaces", action="append",
-                       metavar="IP", help="address of an interface for mDNS (repeatable;"
-                       " default all)")
-    start.add_argument("--announce-interval", type=float, help="seconds between gossiped"
-                       " announcements (default 2)")
-    start.add_argument("--fanout", type=int, help="peers each gossip message is forwarded to"
-                       " (default 4)")
-    start.add_argument("--min-peers", type=_positive_int,
-                       help="peers an elected round needs; below that the node trains offline"
-                       " and averages with the peers it reaches (default: a majority of the"
-                       " --peer federation, (peers+1)//2; 0 without --peer)")
-    start.add_argument("--wait-peers", type=_positive_int,
-                       help="peers a fresh node waits for before round 1 (default: every"
-                       " --peer, at least --min-peers)")
-    start.add_argument("--start-timeout", type=float, help=f"seconds to wait for --wait-peers"
-                       f" before starting anyway (default {d.start_timeout:g})")
-    start.add_argument("--num-partitions", type=int, help="how many shards the data is"
-                       " split into (one per node)")
-    start.add_argument("--partition-index", type=int, help="which shard this node trains on")
-    start.add_argument("--plugin", dest="plugins", action="append", metavar="MODULE",
-                       help="import MODULE first: it may register data sets and models"
-                       " (docs/extending.md; repeatable)")
-    _learning_options(start)
-    start.add_argument("--web-public", action="store_true", default=None,
-                       help="allow --web-host to be a non-loopback address (the API token"
-                       " still guards every change; a warning is logged)")
-    start.add_argument("--web-allowed-host", dest="web_allowed_hosts", action="append",
-                       metavar="HOST[:PORT]", help="another Host/Origin name the web API"
-                       " answers to (repeatable; e.g. a reverse proxy's name)")
-    start.add_argument("--tui", action="store_true", default=None, help="show the terminal"
-                       " UI in this terminal while the node runs (the node logs to a file)")
-    start.add_argument("--max-message-size", type=int, help="largest accepted frame, bytes")
-    add_node_options(start)
-
-
-def _learning_options(start: argparse.ArgumentParser) -> None:
-    """Aggregation, compression and privacy options of ``start``."""
-    ml = start.add_argument_group("aggregation, compression and privacy (docs/strategies.md)")
-    ml.add_argument("--strategy", help="fedavg (default), fedprox, fedadam, fedyogi, median,"
-                    " trimmed-mean, krum, multi-krum, or package.module:Name (your own)")
-    ml.add_argument("--mu", type=float, help="FedProx proximal term (default 0.01)")
-    ml.add_argument("--trim-beta", type=float, help="trimmed mean: fraction cut at each end"
-                    " (default 0.2)")
-    ml.add_argument("--krum-f", type=int, help="Krum/Multi-Krum: attackers tolerated"
-                    " (default 1)")
-    ml.add_argument("--multi-krum-m", type=int, help="Multi-Krum: updates averaged"
-                    " (default n - f)")
-    ml.add_argument("--server-lr", type=float, help="FedAdam/FedYogi server learning rate")
-    ml.add_argument("--clip-norm", type=float, help="clip each update's change to this L2"
-                    " norm before aggregating")
-    ml.add_argument("--compress", help="updates on the wire: none (default), fp16, int8,"
-                    " topk:FRACTION (with error feedback)")
-    ml.add_argument("--dp", action="store_true", default=None, help="local DP-SGD (Opacus)"
-                    " with a lifetime privacy budget")
-    ml.add_argument("--target-epsilon", type=float, help="the budget: training stops before"
-                    " it would be exceeded")
-    ml.add_argument("--delta", type=float, help="DP delta (default 1e-5)")
-    ml.add_argument("--max-grad-norm", type=float, help="DP per-sample gradient clip"
-                    " (default 1.0)")
-    ml.add_argument("--noise-multiplier", type=float, help="DP noise (default: derived from"
-                    " --target-epsilon for the planned rounds)")
 
 
 def _local_parsers(sub: Any, d: NodeConfig) -> None:
