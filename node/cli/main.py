@@ -17,6 +17,7 @@ from typing import Any
 
 from node.cli.parser import EXIT_USAGE, build_parser
 from node.common.endpoint import endpoint_url, read_endpoint
+from node.common.statelock import StateDirBusy, StateLock
 from node.config import ConfigError, NodeConfig, build_config, is_loopback
 from node.runtime.learner import Learner
 
@@ -46,7 +47,8 @@ def _flags(args: argparse.Namespace, skip: set[str]) -> dict[str, Any]:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    """Run one node until SIGINT/SIGTERM."""
+    """Run one node until SIGINT/SIGTERM. Exit 2 at once, writing nothing, if a running
+    node holds the state dir (its lock, node/common/statelock.py, lives as long as it)."""
     try:
         flags = _flags(args, {"command", "config", "tui"})
         for key in ("peers", "mdns_interfaces", "web_allowed_hosts", "plugins"):
@@ -56,8 +58,30 @@ def cmd_start(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"fl-node start: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.tui and not os.environ.get(TUI_CHILD_ENV):
+    lock = StateLock(config.resolved_state_dir)
+    tui_parent = args.tui and not os.environ.get(TUI_CHILD_ENV)
+    try:
+        if tui_parent:
+            lock.check()  # the node, our child, takes the lock: here only a clear refusal
+        else:
+            lock.acquire()  # before anything is written to the state dir (log, key, ...)
+    except StateDirBusy as exc:
+        print(f"fl-node start: {exc}; stop it first or use another --state-dir",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"fl-node start: cannot lock the state dir: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if tui_parent:
         return _start_with_tui(config)
+    try:
+        return _run_node(config)
+    finally:
+        lock.release()
+
+
+def _run_node(config: NodeConfig) -> int:
+    """Build the node of ``config`` and run it until it stops; the exit code."""
     setup_logging(config.log_level, config.log_file, config.name)
     if not is_loopback(config.web_host):
         logging.getLogger("fl-node").warning(
