@@ -13,13 +13,15 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node.cli.parser import EXIT_USAGE, build_parser
 from node.common.endpoint import endpoint_url, read_endpoint
 from node.common.statelock import StateDirBusy, StateLock
 from node.config import ConfigError, NodeConfig, build_config, is_loopback
-from node.runtime.learner import Learner
+
+if TYPE_CHECKING:
+    from node.runtime.learner import Learner
 
 #: Set in the node process that ``fl-node start --tui`` runs, so that it never runs a UI.
 TUI_CHILD_ENV = "FL_NODE_TUI_CHILD"
