@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -136,6 +137,9 @@ class NodeConfig:
     multi_krum_m: int | None = None
     server_lr: float | None = None
     clip_norm: float | None = None
+    #: An update may change the global model by at most this multiple of its L2 norm
+    #: (or of 1, if the model's norm is smaller) before it is refused (docs/trust.md).
+    update_norm_bound: float = 10.0
     compress: str = "none"
     dp: bool = False
     target_epsilon: float | None = None
@@ -236,6 +240,7 @@ class NodeConfig:
         need(self.multi_krum_m is None or self.multi_krum_m >= 1, "--multi-krum-m: must be >= 1")
         need(self.server_lr is None or self.server_lr > 0, "--server-lr: must be > 0")
         need(self.clip_norm is None or self.clip_norm > 0, "--clip-norm: must be > 0")
+        need(0 < self.update_norm_bound < math.inf, "--update-norm-bound: must be > 0")
         need(self.target_epsilon is None or self.target_epsilon > 0,
              "--target-epsilon: must be > 0")
         need(0 < self.delta < 1, f"--delta {self.delta}: must be in (0, 1)")

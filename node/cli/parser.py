@@ -132,6 +132,10 @@ START_OPTIONS: tuple[Option, ...] = (
                                " rate"}),
     (LEARNING, "--clip-norm", {"type": float, "help": "clip each update's change to this L2"
                                " norm before aggregating"}),
+    (LEARNING, "--update-norm-bound", {
+        "type": float, "help": "refuse an update whose change from the global model has an L2"
+        " norm over this multiple of the global model's (at least 1); its sender gets a"
+        " strike (default {d.update_norm_bound:g})"}),
     (LEARNING, "--compress", {"help": "updates on the wire: none (default), fp16, int8,"
                               " topk:FRACTION (with error feedback)"}),
     (LEARNING, "--dp", {"action": "store_true", "default": None,

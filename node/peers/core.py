@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from node.common.compress import decode_delta
 from node.common.state import SequenceCounter
+from node.peers.checks import check_finite, check_model, has_evidence
 from node.peers.membership import PeerTable
 from node.peers.peerstats import Counters, PeerStats
 from node.trust.policy import TrustPolicy
@@ -104,6 +105,9 @@ class NodeCore:
         self.addresses: tuple[str, ...] = ()
         self.counters = Counters()
         self._sends: list[tuple[bytes, bytes | bytearray]] = []
+        #: Checks a new global model against the one we hold (the executor sets it:
+        #: ProtocolError if it moves too far, node.peers.checks).
+        self.model_check: Callable[[Model], None] = lambda model: None
         #: The signed frame of the global model we hold, re-served to peers that are behind.
         self.latest_model_frame: bytes | None = None
         #: Its aggregator: when that one goes down, we re-serve its model to our links
@@ -265,6 +269,8 @@ class NodeCore:
     def admit(self, key: bytes, hello: Hello, our_nonce: bytes) -> str | None:
         """Why ``key`` is trusted after a handshake (None: it is not); ``hello`` is its
         hello that answered ``our_nonce`` (node.trust.policy)."""
+        if self.peers.banned(key):
+            return None  # cut off for failed checks, for the rest of the run
         return self.trust.admit(self.federation, key, hello.proof, our_nonce)
 
     def link_up(self, key: bytes, hello: Hello, address: str, trust: str, now: float) -> None:
@@ -341,11 +347,11 @@ class NodeCore:
         elif isinstance(msg, Announce):
             self._on_announce(env.sender, msg, now)
         elif isinstance(msg, Update | Delta):
-            if isinstance(msg, Delta):
-                decode_delta(msg, self.machine.spec)
             if st is None or not st.member:
                 raise ProtocolError(f"update from {node_id_from_key(env.sender)},"
                                     " not a member")
+            self._checked(env.sender, now, lambda: decode_delta(msg, self.machine.spec)
+                          if isinstance(msg, Delta) else check_finite(msg.weights, "update"))
             if msg.round <= self.machine.completed:
                 # Late: that round is over here. Its sender missed the model (say the
                 # aggregator died after sending it to only some): hand it over.
@@ -354,28 +360,53 @@ class NodeCore:
         elif isinstance(msg, Share):
             if st is None or not st.member:
                 raise ProtocolError(f"share from {node_id_from_key(env.sender)}, not a member")
+            self._checked(env.sender, now, lambda: check_finite(msg.weights, "share"))
             self.machine.on_share(env.sender, msg, now)
         elif isinstance(msg, Model):
-            # A model keeps its aggregator's signature when a member re-serves or relays
-            # it, so its signer need not be linked to us, known, or even still alive. It
-            # always reaches us over a trusted member's link, and any member could publish
-            # a model under its own key anyway, so the relayer's trust is what counts.
-            if st is not None:
-                st.last_seen = now
-            before = self.machine.completed
-            self.machine.on_model(env.sender, msg, now)
-            if self.machine.completed == msg.round and self.machine.completed != before:
-                self.latest_model_frame = bytes(frame)
-                self.latest_model_aggregator = msg.aggregator
-            elif msg.round > self.machine.completed:
-                # Deferred (we were below quorum): taken when it is served again.
-                self.seen.discard(frame_id(frame))
+            self._on_model(env.sender, msg, frame, now)
         elif isinstance(msg, Hello):
             raise ProtocolError("hello after the handshake")
         elif isinstance(msg, Relay):
             raise ProtocolError("a relay inside a relay")
         else:
             raise ProtocolError(f"{env.type} is not accepted on a peer link")
+
+    def _on_model(self, sender: bytes, msg: Model, frame: bytes | bytearray | memoryview,
+                  now: float) -> None:
+        st = self.known.get(sender)
+        # A model keeps its aggregator's signature when a member re-serves or relays
+        # it, so its signer need not be linked to us, known, or even still alive. It
+        # always reaches us over a trusted member's link, and any member could publish
+        # a model under its own key anyway, so the relayer's trust is what counts.
+        if st is not None:
+            st.last_seen = now
+        if msg.round > self.machine.completed:
+            self._checked(sender, now, lambda: check_model(msg, self.model_check))
+            if not has_evidence(self.machine, msg):
+                # A catch-up model nobody else vouches for (yet): taken when it is
+                # served again, once members report that round.
+                self.seen.discard(frame_id(frame))
+                log.debug("model of round %d deferred: no evidence yet that the"
+                          " federation reached it", msg.round)
+                return
+        before = self.machine.completed
+        self.machine.on_model(sender, msg, now)
+        if self.machine.completed == msg.round and self.machine.completed != before:
+            self.latest_model_frame = bytes(frame)
+            self.latest_model_aggregator = msg.aggregator
+        elif msg.round > self.machine.completed:
+            # Deferred (we were below quorum): taken when it is served again.
+            self.seen.discard(frame_id(frame))
+
+    def _checked(self, sender: bytes, now: float, check: Callable[[], object]) -> None:
+        """Run ``check`` on what ``sender`` signed; a failure is a strike against it
+        (``PeerTable.refuse``) and a ProtocolError."""
+        try:
+            check()
+        except ProtocolError as exc:
+            if sender != self.key:
+                self.peers.refuse(sender, exc.reason, now)
+            raise
 
     def _serve_late(self, key: bytes) -> None:
         """A late update proves its sender lacks our model (it may have deferred it while
@@ -395,7 +426,7 @@ class NodeCore:
 
     def _on_announce(self, sender: bytes, msg: Announce, now: float) -> None:
         trust = self.trust.by_credential(self.federation, sender, msg.credential)
-        if trust is None:
+        if trust is None or self.peers.banned(sender):
             # Someone our neighbour trusts and we do not (pairing is pairwise): not an
             # error of the neighbour's, so nothing is counted against its link.
             self.peers.note_untrusted(sender, msg.name, msg.addresses[0] if msg.addresses else "",

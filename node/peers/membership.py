@@ -9,6 +9,9 @@ kept in its ``PeerStats`` for status.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from node.peers.checks import MAX_STRIKES
 from node.peers.peerstats import PeerStats
 from node.trust.policy import TrustPolicy
 from protocol.identity import node_id_from_key
@@ -25,6 +28,9 @@ class PeerTable:
         self.member_timeout = member_timeout
         self.known: dict[bytes, PeerStats] = {}
         self.links: set[bytes] = set()
+        self._drops: list[bytes] = []
+        #: Called with (key, reason, cut off) when what a member sent fails a check.
+        self.on_strike: Callable[[bytes, str, bool], None] = lambda key, reason, cut: None
 
     def stats(self, key: bytes, name: str = "") -> PeerStats:
         """The record of ``key`` (created on first sight)."""
@@ -104,9 +110,41 @@ class PeerTable:
             if st.member and key not in self.links and not self.reachable(key, now):
                 self.set_member(key, False, now)
 
+    def strike(self, key: bytes, reason: str, now: float) -> bool:
+        """``key`` sent something that failed a check; True when this strike cuts it off
+        (``MAX_STRIKES``): it is no longer trusted nor a member, for the rest of the run."""
+        st = self.stats(key)
+        st.strikes += 1
+        st.last_strike = reason
+        if st.banned or st.strikes < MAX_STRIKES:
+            return False
+        st.banned, st.trusted, st.trust = True, False, ""
+        self.set_member(key, False, now)
+        return True
+
+    def refuse(self, key: bytes, reason: str, now: float) -> None:
+        """What ``key`` signed failed a check (node.peers.checks): a strike, reported
+        through ``on_strike``; the one that cuts it off also queues its link's closing."""
+        cut = self.strike(key, reason, now)
+        if cut:
+            self._drops.append(key)
+        self.on_strike(key, reason, cut)
+
+    def take_drops(self) -> list[bytes]:
+        """Keys whose links must be closed now (cut off for failed checks)."""
+        out, self._drops = self._drops, []
+        return out
+
+    def banned(self, key: bytes) -> bool:
+        """Whether ``key`` was cut off for failed checks."""
+        st = self.known.get(key)
+        return st is not None and st.banned
+
     def peer_state(self, key: bytes, now: float) -> str:
-        """connected, relayed, suspect, gone, or untrusted, for status."""
+        """connected, relayed, suspect, gone, banned or untrusted, for status."""
         st = self.known[key]
+        if st.banned:
+            return "banned"
         if not st.trusted:
             return "untrusted"
         if key in self.links:

@@ -26,6 +26,11 @@ class PeerStats:
     discovered: bool = False
     member: bool = False
     served_round: int = -1
+    #: Failed checks of what it sent (node.peers.checks), the last reason, and whether
+    #: it was cut off for them.
+    strikes: int = 0
+    last_strike: str = ""
+    banned: bool = False
 
 
 @dataclass

@@ -84,9 +84,11 @@ def build_node(config: NodeConfig, learner: Learner) -> Node:
     db = NodeDB(state_dir)
     health = Health()
     events = NodeEvents(db, EventHub(), health)
+    core.peers.on_strike = events.member_failed_check
     executor = Executor(core=core, learner=learner, checkpoints=checkpoints, round_log=db,
                         events=events, health=health, now=now, wall=time.time,
-                        codec=parse_codec(config.compress), genesis=genesis)
+                        codec=parse_codec(config.compress), genesis=genesis,
+                        update_norm_bound=config.update_norm_bound)
     restored = restore(checkpoints, machine, max_size=config.max_message_size)
     if restored.weights is not None:
         executor.weights = executor.global_weights = restored.weights

@@ -26,6 +26,7 @@ from node.config import FIELD_TYPES, ConfigError, coerce
 from node.peers.transport import now
 from node.runtime.checkpoints import NodeDB
 from node.web.hub import EventHub
+from protocol.identity import node_id_from_key
 from protocol.rounds import Phase, RoundTimeouts
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class NodeEvents:
         self.hub = hub
         self.health = health
         self.pending: list[tuple[float, str, str]] = []
+        self._warned: set[str] = set()
         #: Called when events wait to be written (the supervisor wakes its checkpointer).
         self.on_write: Callable[[], None] = lambda: None
 
@@ -65,6 +67,20 @@ class NodeEvents:
         del self.pending[:-MAX_PENDING_EVENTS]
         self.on_write()
         self.hub.publish("event", {"ts": ts, "kind": kind, "detail": detail}, ts=ts)
+
+    def member_failed_check(self, key: bytes, reason: str, cut: bool) -> None:
+        """A member sent something that failed a check (node.peers.checks): logged once
+        per member (and when it is cut off), always in the event log."""
+        who = node_id_from_key(key)
+        if cut:
+            log.warning("cut off %s after repeated failed checks: %s", who, reason)
+            self.note("member_cut_off", f"{who}: {reason}")
+            self.hub.publish("peer_left", {"node_id": who})
+            return
+        if who not in self._warned:
+            self._warned.add(who)
+            log.warning("refused what %s sent: %s", who, reason)
+        self.note("member_refused", f"{who}: {reason}")
 
     def publish(self, event: str, data: dict[str, Any]) -> None:
         """Push a live event to WebSocket clients."""

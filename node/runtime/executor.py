@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
 from typing import Any, assert_never
 
 import numpy as np
@@ -43,7 +45,7 @@ from node.runtime.learner import Learner, Weights
 from node.runtime.records import RoundRecord
 from protocol.errors import ProtocolError
 from protocol.identity import node_id_from_key
-from protocol.messages import Delta, Share, Update
+from protocol.messages import Delta, Model, Share, Update
 from protocol.rounds import (
     STATE_PREFIX,
     Action,
@@ -67,13 +69,31 @@ THREAD_ENCODE_MIN_PARAMS = 256 * 1024
 _WARNING_NOTES = frozenset({"aggregator_failed", "model_conflict"})
 
 
+@dataclass
+class Decoded:
+    """A round's updates as dense weights with example counts, and those refused (why)."""
+
+    updates: dict[bytes, tuple[Weights, int]]
+    refused: dict[bytes, str]
+
+
+def _l2(arrays: Iterable[np.ndarray]) -> float:
+    """The L2 norm of all floating-point ``arrays`` together (float64)."""
+    total = 0.0
+    for a in arrays:
+        if a.dtype.kind == "f":
+            flat = a.ravel().astype(np.float64)
+            total += float(np.dot(flat, flat))
+    return math.sqrt(total)
+
+
 class Executor:
     """Carries out one node's round-machine actions (see the module docstring)."""
 
     def __init__(self, *, core: NodeCore, learner: Learner, checkpoints: CheckpointWriter,
                  round_log: RoundLog, events: EventSink, health: Health,
                  now: Callable[[], float], wall: Callable[[], float], codec: Codec,
-                 genesis: Weights) -> None:
+                 genesis: Weights, update_norm_bound: float = 10.0) -> None:
         self.core = core
         self.machine = core.machine
         self.learner = learner
@@ -84,6 +104,9 @@ class Executor:
         self.now = now
         self.wall = wall
         self.codec = codec
+        #: How far an update may move from the global model, in multiples of its norm.
+        self.update_norm_bound = update_norm_bound
+        core.model_check = self.check_model
         self.feedback = ErrorFeedback(codec) if codec.lossy else None
         #: The model we train from (our offline average while offline), and the last
         #: global model (compressed updates are differences to it).
@@ -243,17 +266,26 @@ class Executor:
         m.average_done(action.round, action.step, digest, self.now())
 
     def _aggregate(self, action: Aggregate) -> Job:
+        dense = yield Blocking("aggregate", self._bounded, (action.updates,))
+        for key, reason in dense.refused.items():
+            if key != self.core.key:
+                self.core.peers.refuse(key, reason, self.now())
+        if len(dense.updates) < self.machine.quorum:
+            why = f"{len(dense.updates)} acceptable updates, {self.machine.quorum} needed"
+            log.error("round %d: aggregation failed: %s", action.round, why)
+            self.machine.aggregation_failed(action.round, why, self.now())
+            return
         try:
-            updates, merged = yield Blocking("aggregate", self._aggregate_updates,
-                                             (list(action.updates.values()),))
+            merged = yield Blocking("aggregate", self.learner.aggregate,
+                                    (self.global_weights, list(dense.updates.values())))
         except (ValueError, ProtocolError) as exc:
             log.error("round %d: aggregation failed: %s", action.round, exc)
             self.machine.aggregation_failed(action.round, str(exc)[:200], self.now())
             return
         merged = {k: np.asarray(v, order="C") for k, v in merged.items()}
         self.machine.aggregation_done(action.round, action.attempt, to_tensors(merged),
-                                      action.updates.keys(), sum(n for _, n in updates),
-                                      self.now())
+                                      dense.updates.keys(),
+                                      sum(n for _, n in dense.updates.values()), self.now())
 
     def _publish(self, action: PublishModel) -> Job:
         frame = yield from self._signed(self.core.publish, action.model)
@@ -313,11 +345,39 @@ class Executor:
                      train_seconds=update.train_seconds, codec=self.codec.name,
                      weights=to_tensors(payload))
 
-    def _aggregate_updates(self, received: Iterable[Update | Delta]
-                           ) -> tuple[list[tuple[Weights, int]], Weights]:
-        """Decode the round's updates and aggregate them."""
-        updates = [(self._dense(u), u.num_examples) for u in received]
-        return updates, self.learner.aggregate(self.global_weights, updates)
+    def _change_limit(self) -> float:
+        return self.update_norm_bound * max(1.0, _l2(self._global_model().values()))
+
+    def check_model(self, model: Model) -> None:
+        """ProtocolError if ``model`` moves the global model we hold further than an update
+        may (``update_norm_bound``): an aggregate of bounded updates never does."""
+        limit = self._change_limit()
+        held = self._global_model()
+        change = _l2(w - held[k] for k, w in from_tensors(model.weights).items() if k in held)
+        if not change <= limit:
+            raise ProtocolError(f"model: its change has L2 norm {change:.3g}, over the bound"
+                                f" {limit:.3g} (--update-norm-bound)")
+
+    def _bounded(self, received: dict[bytes, Update | Delta]) -> Decoded:
+        """Decode the round's updates, refusing any whose change from the global model
+        exceeds ``update_norm_bound`` times the global model's L2 norm (at least 1), or
+        that cannot be decoded (docs/trust.md)."""
+        out = Decoded({}, {})
+        model = self._global_model()
+        limit = self._change_limit()
+        for key, update in received.items():
+            try:
+                weights = self._dense(update)
+            except (ValueError, ProtocolError) as exc:
+                out.refused[key] = str(getattr(exc, "reason", exc))[:200]
+                continue
+            change = _l2(weights[k] - v for k, v in model.items())
+            if not change <= limit:  # NaN fails too
+                out.refused[key] = (f"update: its change has L2 norm {change:.3g}, over the"
+                                    f" bound {limit:.3g} (--update-norm-bound)")
+                continue
+            out.updates[key] = (weights, update.num_examples)
+        return out
 
     def _dense(self, update: Update | Delta) -> Weights:
         """Full weights of an update: a delta is added to the global model it was made

@@ -33,7 +33,7 @@ from node.runtime.simparts import MemoryCheckpoints, MemoryLog, SimEvents, Vecto
 from node.trust.policy import TrustPolicy
 from protocol.errors import ProtocolError
 from protocol.gossip import federation_key
-from protocol.identity import Identity
+from protocol.identity import Identity, node_id_from_key
 from protocol.rounds import PublishModel, RoundMachine, RoundTimeouts
 
 FEDERATION = "sim"
@@ -159,6 +159,8 @@ class Simulation:
                         fanout=p.fanout, rng=random.Random(f"{p.seed}/{i}/{self.now}"),
                         member_timeout=3 * self.announce_interval)
         health = Health()
+        core.peers.on_strike = lambda key, reason, cut: events.note(
+            "member_cut_off" if cut else "member_refused", f"{node_id_from_key(key)}: {reason}")
         executor = Executor(core=core, learner=learner, checkpoints=store, round_log=MemoryLog(),
                             events=events, health=health, now=lambda: self.now,
                             wall=lambda: 1_700_000_000.0 + self.now,
@@ -342,6 +344,8 @@ class Simulation:
         on links, write checkpoints, start the next job, re-arm the deadline."""
         machine = node.core.machine
         node.executor.drain()
+        for key in node.core.peers.take_drops():
+            self.disconnect(node.index, self.by_key[key].index)
         for key, frame in node.core.take_sends():
             self._deliver(node, self.by_key[key], frame)
         if node.executor.checkpoints_pending():

@@ -29,6 +29,7 @@ def peers_view(node: Node) -> list[dict[str, Any]]:
             "round": st.rounds, "peer_state": st.state,
             "last_seen": (time.time() - (t - st.last_seen)) if st.last_seen else None,
             "rtt_ms": st.rtt_ms, "rejected": st.rejected,
+            "strikes": st.strikes, "last_strike": st.last_strike or None,
             "links": [node_id_from_key(k) for k in st.links],
         })
     return out

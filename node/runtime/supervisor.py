@@ -356,6 +356,8 @@ class Node:
     def after_input(self) -> None:
         """Carry out the machine's actions, put frames on links, re-arm the timer."""
         self.executor.drain()
+        for key in self.core.peers.take_drops():
+            self._close_link(key)  # cut off for failed checks
         for key, frame in self.core.take_sends():
             if not self.transport.send(key, frame):
                 log.debug("no link to %s: frame dropped", node_id_from_key(key))
@@ -450,12 +452,14 @@ class Node:
 
     def forget(self, key: bytes) -> None:
         """A paired key was removed from the trust store: stop trusting it now."""
-        if not self.core.peers.untrust(key, "paired"):
-            return
+        if self.core.peers.untrust(key, "paired"):
+            self._close_link(key)
+
+    def _close_link(self, key: bytes) -> None:
         link = self.transport.links.get(key)
         if link is not None and self._tg is not None:
             link.closed.set()
-            self._tg.create_task(close_ws(link.ws), name="close unpaired link")
+            self._tg.create_task(close_ws(link.ws), name="close link")
 
 
 class _Shutdown(Exception):
