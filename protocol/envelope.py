@@ -52,6 +52,23 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise ProtocolError(f"msgpack extension type {code} not allowed")
 
 
+def _map_without_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """Every map of a payload, at every level: refused if a key appears twice.
+
+    msgpack-python keeps the last value of a repeated key and other decoders keep the
+    first, so such a map would read as two different messages under one signature (a
+    parser differential). Keys are str or bin here (``strict_map_key``), so hashable.
+    """
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[Any] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ProtocolError(f"duplicate map key {key!r:.40}")
+            seen.add(key)
+    return result
+
+
 #: Binary values at least this long are not copied while packing (see _pack_chunks).
 _ZERO_COPY_MIN = 64 * 1024
 #: Payloads at least this long are hashed on a second thread while copied or parsed.
@@ -162,6 +179,7 @@ def _unpack(data: bytes | memoryview, limit: int) -> Any:
             raw=False,
             strict_map_key=True,
             ext_hook=_reject_ext,
+            object_pairs_hook=_map_without_duplicates,
             max_ext_len=0,
             max_bin_len=limit,
             max_str_len=min(limit, 1 << 20),
