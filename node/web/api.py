@@ -2,7 +2,8 @@
 
 Serves ``/api/status``, ``/api/metrics`` (per-round history), ``/healthz`` and pairing
 here; node.web.dashboard adds the page, the WebSocket, control and Prometheus endpoints and
-the Host/Origin guard (docs/api.md).
+the Host/Origin guard (docs/api.md). Every mutating endpoint refuses a body key it does not
+take with 400, naming the key (node.web.httputil.json_object).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ async def pair_offer(request: web.Request) -> web.Response:
     """POST /api/pair/offer {"ttl": seconds}: a new one-time pairing code."""
     if not bearer_ok(request, request.app[NODE_KEY].api_token):
         return refuse()
-    body = await json_object(request)
+    body = await json_object(request, allowed={"ttl"})
     ttl = body.get("ttl", DEFAULT_TTL_S)
     if not isinstance(ttl, int | float) or isinstance(ttl, bool) or not 1 <= ttl <= 86400:
         return web.json_response({"error": "ttl: 1 to 86400 seconds"}, status=400)
@@ -79,7 +80,7 @@ async def pair_add(request: web.Request) -> web.Response:
     """POST /api/pair/add {"uri": ...}: pair with the node whose code this is."""
     if not bearer_ok(request, request.app[NODE_KEY].api_token):
         return refuse()
-    body = await json_object(request)
+    body = await json_object(request, allowed={"uri"})
     uri = body.get("uri")
     if not isinstance(uri, str):
         return web.json_response({"error": "uri: a pairing code is required"}, status=400)
@@ -101,9 +102,11 @@ async def pair_list(request: web.Request) -> web.Response:
 
 
 async def pair_remove(request: web.Request) -> web.Response:
-    """DELETE /api/pair/{ident}: forget a paired node (id or unique prefix)."""
+    """DELETE /api/pair/{ident}: forget a paired node (id or unique prefix). No body, or
+    an empty JSON object."""
     if not bearer_ok(request, request.app[NODE_KEY].api_token):
         return refuse()
+    await json_object(request, allowed=(), empty_ok=True)
     node = request.app[NODE_KEY]
     try:
         removed = await node.pairing.remove(request.match_info["ident"])

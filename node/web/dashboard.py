@@ -8,8 +8,9 @@ pushes live events through an ``EventHub`` (node.web.hub); neither knows about t
 internals.
 
 Every request is checked by ``host_origin_guard`` (node.web.hostguard: DNS rebinding, CSRF);
-every mutating call needs ``Authorization: Bearer <token>``, and a WebSocket authenticates
-with its first message.
+every mutating call needs ``Authorization: Bearer <token>`` and takes only the body keys
+it documents (node.web.httputil.json_object), and a WebSocket authenticates with its first
+message.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 
 from node.common.wsclose import close_ws
 from node.web.hostguard import host_origin_guard
-from node.web.httputil import UNAUTHORIZED, bearer_ok, error, json_object
+from node.web.httputil import UNAUTHORIZED, bearer_ok, error, json_object, parse_json, unknown_keys
 from node.web.hub import STATUS_UPDATE, EventHub, HubEvent, SubscriberLagging, Subscription, message
 
 log = logging.getLogger(__name__)
@@ -176,11 +177,11 @@ def prometheus_text(status: Mapping[str, Any]) -> str:
 
 
 def _client_message(msg: aiohttp.WSMessage) -> dict[str, Any]:
-    """A client's JSON object message; empty for anything else."""
+    """A client's JSON object message; empty for anything else (a repeated key included)."""
     if msg.type is not WSMsgType.TEXT:
         return {}
     try:
-        body = json.loads(msg.data)
+        body = parse_json(msg.data)
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}
@@ -248,7 +249,11 @@ class _Dashboard:
         """POST /api/config {key: value, ...}: apply runtime settings, all or none."""
         if not bearer_ok(request, self.node.api_token):
             return web.json_response(UNAUTHORIZED, status=401)
-        changes = await json_object(request)
+        runtime = self.node.runtime_keys()
+        # A key of GET /api/config that cannot change now is the node's to explain (which
+        # flag to restart with); a key that is no setting at all is refused here.
+        changes = await json_object(request, allowed=self.node.config_view().keys() | runtime,
+                                    takes=", ".join(sorted(runtime)))
         try:
             applied = await self.node.apply_config(changes)
         except ValueError as exc:
@@ -256,17 +261,18 @@ class _Dashboard:
         return web.json_response({"config": self.node.config_view(), "applied": applied})
 
     async def start(self, request: web.Request) -> web.Response:
-        """POST /api/start: start or resume training."""
+        """POST /api/start (no body, or ``{}``): start or resume training."""
         return await self._control(request, self.node.start_training)
 
     async def stop(self, request: web.Request) -> web.Response:
-        """POST /api/stop: stop training."""
+        """POST /api/stop (no body, or ``{}``): stop training."""
         return await self._control(request, self.node.stop_training)
 
     async def _control(self, request: web.Request,
                        action: Callable[[], Awaitable[None]]) -> web.Response:
         if not bearer_ok(request, self.node.api_token):
             return web.json_response(UNAUTHORIZED, status=401)
+        await json_object(request, allowed=(), empty_ok=True)
         try:
             await action()
         except ValueError as exc:
@@ -360,9 +366,12 @@ class _Dashboard:
         async for msg in ws:
             if msg.type is WSMsgType.ERROR:
                 return
-            action = actions.get(str(_client_message(msg).get("type")))
-            if action is None:
-                await self._send(ws, json.dumps({"type": "error", "error": "unknown message"}))
+            body = _client_message(msg)
+            action = actions.get(str(body.get("type")))
+            problem = ("unknown message" if action is None
+                       else unknown_keys(body, ("type",), what="message"))
+            if action is None or problem:
+                await self._send(ws, json.dumps({"type": "error", "error": problem}))
                 continue
             try:
                 await action()
