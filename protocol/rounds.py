@@ -91,34 +91,33 @@ class RoundMachine(RoundState):
         if self.completed >= self.rounds_total:
             self._finish()
             return
-        if self.completed > 0 or len(self.peers) >= self.wait_peers:
+        if self.completed > 0 or len(self.peers) >= self._wait_peers:
             self._begin_round(now)
         else:
             self._enter(Phase.WAITING_START)
-            self.deadline = now + self.timeouts.start
-            self._note("waiting_for_peers", f"{len(self.peers)}/{self.wait_peers} peers")
+            self._deadline = now + self.timeouts.start
+            self._note("waiting_for_peers", f"{len(self.peers)}/{self._wait_peers} peers")
 
     def pause(self, now: float) -> None:
         """Stop taking part after the current step; state is kept (``start`` resumes)."""
         self._paused = True
         if self.phase not in (Phase.DONE,):
             self._enter(Phase.STOPPED)
-            self.deadline = None
-            self.my_update = None
+            self._deadline = None
+            self._my_update = None
 
     def peer_up(self, key: bytes, now: float, *, round: int = 0, state: str = "unknown") -> None:
         """A member's link is up (after its handshake)."""
-        self.peers[key] = PeerView(round=round, state=state)
+        self._peers[key] = PeerView(round=round, state=state)
         if (self._started and self.phase is Phase.WAITING_START
-                and len(self.peers) >= self.wait_peers):
+                and len(self.peers) >= self._wait_peers):
             self._begin_round(now)
 
     def peer_status(self, key: bytes, now: float, *, round: int, state: str) -> None:
         """A heartbeat from a member: its completed round and its state."""
-        view = self.peers.get(key)
-        if view is None:
+        if key not in self._peers:
             return
-        view.round, view.state = round, state
+        self._peers[key] = PeerView(round=round, state=state)
         if (self.phase is Phase.WAITING_MODEL and key == self.aggregator
                 and state in NOT_PUBLISHING):
             # Our aggregator stepped down (below quorum), stopped or finished: it will
@@ -134,9 +133,9 @@ class RoundMachine(RoundState):
         if self.phase is Phase.TRAINING and key == self.elect():
             # It was to aggregate this round: whoever saw it go does not elect it again
             # this round, even if it comes back (it restarts without our updates).
-            self.excluded.add(key)
-        del self.peers[key]
-        self.shares.pop(key, None)
+            self._excluded.add(key)
+        del self._peers[key]
+        self._shares.pop(key, None)
         if key == self.aggregator and self.phase is Phase.WAITING_MODEL:
             self._aggregator_failed(now, "went down")
         else:
@@ -149,7 +148,7 @@ class RoundMachine(RoundState):
             self.check_spec(update.weights, "update")
         started = self._collect_started.get(update.round)
         if update.round == self.completed and started is not None:
-            self.deadlines.lags.append(now - started)  # came after we aggregated
+            self._deadlines.lags.append(now - started)  # came after we aggregated
         if update.round < self.current or update.round > self.current + 1:
             self._note("update_ignored", f"round {update.round} while at {self.current}")
             return
@@ -160,12 +159,10 @@ class RoundMachine(RoundState):
                 update.base != self.model_digest):
             self._note("update_ignored", "a compressed update from another base model")
             return
-        self.updates.setdefault(update.round, {})[sender] = update
+        self._updates.setdefault(update.round, {})[sender] = update
         if update.round == self.current and self.phase is Phase.COLLECTING:
-            self.deadlines.lags.append(now - (started if started is not None else now))
-        view = self.peers.get(sender)
-        if view is not None:
-            view.round = max(view.round, update.round - 1)
+            self._deadlines.lags.append(now - (started if started is not None else now))
+        self._saw_round(sender, update.round - 1)
         self._check_collect(now)
 
     def on_share(self, sender: bytes, share: Share, now: float) -> None:
@@ -173,7 +170,7 @@ class RoundMachine(RoundState):
         self.check_spec(share.weights, "share")
         if share.round != self.current or sender not in self.peers:
             return  # another round: catch-up (heartbeats, models) brings us together
-        self.shares[sender] = share
+        self._shares[sender] = share
 
     def on_model(self, sender: bytes, model: Model, now: float) -> None:
         """A global model. Raises ProtocolError if it cannot be valid."""
@@ -197,34 +194,32 @@ class RoundMachine(RoundState):
             # finished (catch-up) is taken; this one is served again once we see a quorum.
             self._note("model_deferred", f"round {model.round}: no quorum to accept it")
             return
-        view = self.peers.get(sender)
-        if view is not None:
-            view.round = max(view.round, model.round)
+        self._saw_round(sender, model.round)
         self._commit(model, sender, now)
 
     def training_done(self, round_number: int, weights: list[Tensor], num_examples: int,
                       loss: float, seconds: float, now: float) -> None:
         """Our local training of ``round_number`` finished."""
         if (self.phase not in (Phase.TRAINING, Phase.OFFLINE) or round_number != self.current
-                or self.my_update is not None):
+                or self._my_update is not None):
             self._note("training_discarded", f"round {round_number} is no longer current")
             return
-        self.my_update = Update(
+        self._my_update = Update(
             round=round_number, attempt=self.attempt, base=self.base_digest,
             num_examples=num_examples, loss=loss, train_seconds=seconds, weights=weights,
         )
         if self.phase is Phase.OFFLINE:
             self._share_and_average()
             return
-        self.updates.setdefault(round_number, {})[self.self_key] = self.my_update
+        self._updates.setdefault(round_number, {})[self.self_key] = self._my_update
         self._route_update(now)
 
     def average_done(self, round_number: int, step: int, digest: bytes, now: float) -> None:
         """Our offline average of ``step`` is adopted as the model we hold (``digest``)."""
         if self.phase is not Phase.OFFLINE or round_number != self.current or step != self._step:
             return
-        self.local_digest = digest
-        self.offline_steps += 1
+        self._local_digest = digest
+        self._offline_steps += 1
         self._begin_round(now)
 
     def aggregation_done(self, round_number: int, attempt: int, weights: list[Tensor],
@@ -244,7 +239,7 @@ class RoundMachine(RoundState):
             contributors=tuple(sorted(contributors)), num_examples=num_examples,
             digest=weights_digest(weights), weights=weights,
         )
-        self.outbox.append(PublishModel(model))
+        self._outbox.append(PublishModel(model))
         self._commit(model, self.self_key, now)
 
     def aggregation_failed(self, round_number: int, reason: str, now: float) -> None:
@@ -256,9 +251,9 @@ class RoundMachine(RoundState):
 
     def tick(self, now: float) -> None:
         """The clock reached ``next_deadline()`` (or later)."""
-        if self.deadline is None or now < self.deadline:
+        if self._deadline is None or now < self._deadline:
             return
-        self.deadline = None
+        self._deadline = None
         if self.phase is Phase.WAITING_START:
             self._note("start_timeout", f"starting with {len(self.peers)} peers")
             self._begin_round(now)
@@ -282,10 +277,10 @@ class RoundMachine(RoundState):
         the model's tensors: float32 tensors named ``fl.opt.<slot>.<tensor name>`` with
         that tensor's shape (FedAdam and FedYogi keep their moments there)."""
         got = [(t.name, t.dtype, t.shape) for t in weights]
-        n = len(self.spec)
-        if got[:n] != self.spec or (got[n:] and not state):
+        n = len(self._spec)
+        if got[:n] != self._spec or (got[n:] and not state):
             raise ProtocolError(f"{what}: tensors do not match the federation's model")
-        shapes = {name: shape for name, _, shape in self.spec}
+        shapes = {name: shape for name, _, shape in self._spec}
         for name, dtype, shape in got[n:]:
             slot, _, of = name[len(STATE_PREFIX):].partition(".")
             if (not name.startswith(STATE_PREFIX) or not slot.isalnum() or dtype != "float32"
@@ -300,43 +295,43 @@ class RoundMachine(RoundState):
             self._finish()
             return
         was_offline = self.phase is Phase.OFFLINE
-        self.deadline = None
-        self.excluded = set()
-        self.aggregator = None
-        self.my_update = None
+        self._deadline = None
+        self._excluded = set()
+        self._aggregator = None
+        self._my_update = None
         for r in [r for r in self.updates if r < self.current]:
-            del self.updates[r]
+            del self._updates[r]
         if not self.has_quorum():
             if not was_offline:
                 self._note("offline", f"{len(self.participants())} of {self.quorum} members"
                            " needed for a round: training and averaging with reachable peers")
             self._enter(Phase.OFFLINE)
             self._step += 1
-            self.outbox.append(StartTraining(self.current, self.base_digest, offline=True))
+            self._outbox.append(StartTraining(self.current, self.base_digest, offline=True))
             return
         if was_offline:
             self._note("online", f"quorum again ({len(self.participants())} members):"
                        f" round {self.current} merges the offline models")
         self._enter(Phase.TRAINING)
-        self.outbox.append(StartTraining(self.current, self.base_digest))
+        self._outbox.append(StartTraining(self.current, self.base_digest))
 
     def _share_and_average(self) -> None:
-        assert self.my_update is not None
-        mine = self.my_update
+        assert self._my_update is not None
+        mine = self._my_update
         share = Share(round=mine.round, step=self._step, base=mine.base,
                       num_examples=mine.num_examples, loss=mine.loss, weights=mine.weights)
         reachable = tuple(sorted(k for k in self.participants() if k != self.self_key))
         if reachable:
-            self.outbox.append(ShareModel(reachable, share))
+            self._outbox.append(ShareModel(reachable, share))
         models = {self.self_key: share}
-        models.update((k, v) for k, v in self.shares.items() if k in self.peers)
-        self.shares = {}
+        models.update((k, v) for k, v in self._shares.items() if k in self.peers)
+        self._shares = {}
         self._enter(Phase.OFFLINE)
-        self.deadline = None
-        self.outbox.append(Average(self.current, self._step, models))
+        self._deadline = None
+        self._outbox.append(Average(self.current, self._step, models))
 
     def _route_update(self, now: float) -> None:
-        assert self.my_update is not None
+        assert self._my_update is not None
         if not self.has_quorum():
             # Quorum lost during the round: what we trained becomes an offline step.
             if self.phase is not Phase.OFFLINE:
@@ -347,7 +342,7 @@ class RoundMachine(RoundState):
             self._share_and_average()
             return
         agg = self.elect()
-        self.aggregator = agg
+        self._aggregator = agg
         if agg is None:  # everyone was excluded this round: start it over
             self._note("round_restarted", f"round {self.current}: no aggregator left")
             self._begin_round(now)
@@ -358,28 +353,28 @@ class RoundMachine(RoundState):
             for r in [r for r in self._collect_started if r < self.current - 1]:
                 del self._collect_started[r]
             early = len(self.updates.get(self.current, {})) - 1
-            self.deadlines.lags.extend([0.0] * max(0, early))
-            self.deadline = now + self.deadlines.collect()
+            self._deadlines.lags.extend([0.0] * max(0, early))
+            self._deadline = now + self.deadlines.collect()
             self._note("aggregating", f"elected aggregator of round {self.current}"
                        f" (attempt {self.attempt})")
             self._check_collect(now)
         else:
             self._enter(Phase.WAITING_MODEL)
-            self.deadline = now + self.timeouts.model
-            if self.my_update.attempt != self.attempt:
-                self.my_update = replace(self.my_update, attempt=self.attempt)
-            self.outbox.append(SendUpdate(agg, self.my_update))
+            self._deadline = now + self.timeouts.model
+            if self._my_update.attempt != self.attempt:
+                self._my_update = replace(self._my_update, attempt=self.attempt)
+            self._outbox.append(SendUpdate(agg, self._my_update))
 
     def _step_down(self, now: float, why: str) -> None:
         """We cannot aggregate this round: exclude ourselves and hand our update on."""
-        self.excluded.add(self.self_key)
+        self._excluded.add(self.self_key)
         self._note("aggregator_failed", f"round {self.current}: {why}; stepping down")
         self._route_update(now)
 
     def _aggregator_failed(self, now: float, why: str) -> None:
         failed = self.aggregator
         if failed is not None:
-            self.excluded.add(failed)
+            self._excluded.add(failed)
             self._note("aggregator_failed", f"round {self.current}: aggregator {why}")
         self._route_update(now)
 
@@ -394,23 +389,23 @@ class RoundMachine(RoundState):
     def _aggregate(self, now: float, reason: str) -> None:
         updates = dict(self.updates.get(self.current, {}))
         self._enter(Phase.AGGREGATING)
-        self.deadline = None
+        self._deadline = None
         self._note("aggregate", f"round {self.current}: {len(updates)} updates ({reason})")
-        self.outbox.append(Aggregate(self.current, self.attempt, updates))
+        self._outbox.append(Aggregate(self.current, self.attempt, updates))
 
     def _commit(self, model: Model, source: bytes, now: float) -> None:
         if self.local_digest is not None and model.round > self.current:
             self._note("offline_superseded", f"the federation's round {model.round} replaces"
                        " our offline model")
-        self.completed = model.round
-        self.model_digest = model.digest
-        self.local_digest = None
-        self.shares = {}
-        self.last_aggregator = model.aggregator
-        self.outbox.append(Commit(model, source))
-        for view in self.peers.values():
+        self._completed = model.round
+        self._model_digest = model.digest
+        self._local_digest = None
+        self._shares = {}
+        self._last_aggregator = model.aggregator
+        self._outbox.append(Commit(model, source))
+        for key in list(self._peers):
             # Everyone live received the same broadcast; assume they are with us.
-            view.round = max(view.round, model.round)
+            self._saw_round(key, model.round)
         if self._paused:
             self._enter(Phase.STOPPED)
             return
@@ -420,5 +415,5 @@ class RoundMachine(RoundState):
 
     def _finish(self) -> None:
         self._enter(Phase.DONE)
-        self.deadline = None
+        self._deadline = None
         self._note("done", f"completed {self.completed} rounds")

@@ -8,7 +8,9 @@ run time, and answers questions about them (``current``, ``participants()``...).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, replace
 
 from .actions import Action, Note
 from .deadlines import Deadlines, RoundTimeouts
@@ -29,16 +31,28 @@ DIGEST_LEN = 32
 _DEFAULT_TIMEOUTS = RoundTimeouts()
 
 
-@dataclass
+@dataclass(frozen=True)
 class PeerView:
+    """What this node knows of a live member: its last completed round and its state
+    (frozen: the machine replaces a view when it learns more)."""
+
     round: int = 0
     state: str = "unknown"
+
+
+#: A model's tensors as the federation agreed on them: (name, dtype, shape) each.
+Spec = list[tuple[str, str, tuple[int, ...]]]
 
 
 class RoundState:
     """The state of a ``RoundMachine``: built by the constructor, changed only by its
     methods (those here restore a checkpoint or reconfigure it; ``_enter`` changes the
-    phase), and read by anyone through the views."""
+    phase), and read by anyone through the views.
+
+    Every field lives in a private attribute; outside code reads it through a read-only
+    property of the same name without the underscore (assigning one raises AttributeError,
+    and mypy flags it). Containers are typed as read-only views (``Mapping``, ``Set``,
+    ``Sequence``) of the machine's own; ``PeerView`` is frozen and ``spec`` a copy."""
 
     def __init__(
         self,
@@ -57,31 +71,31 @@ class RoundState:
             raise ValueError("rounds_total must be >= 1")
         _check_quorum(quorum)
         _check_timeouts(timeouts)
-        self.self_key = self_key
-        self.federation = federation
-        self.rounds_total = rounds_total
-        self.wait_peers = wait_peers
-        self.quorum = quorum
-        self.timeouts = timeouts
-        self.deadlines = Deadlines(timeouts)
-        self.spec = [(t.name, t.dtype, t.shape) for t in genesis]
-        self.genesis_digest = weights_digest(genesis)
-        self.completed = completed
-        self.model_digest = model_digest or self.genesis_digest
+        self._self_key = self_key
+        self._federation = federation
+        self._rounds_total = rounds_total
+        self._wait_peers = wait_peers
+        self._quorum = quorum
+        self._timeouts = timeouts
+        self._deadlines = Deadlines(timeouts)
+        self._spec: Spec = [(t.name, t.dtype, t.shape) for t in genesis]
+        self._genesis_digest = weights_digest(genesis)
+        self._completed = completed
+        self._model_digest = model_digest or self._genesis_digest
         self._phase = Phase.WAITING_START
-        self.peers: dict[bytes, PeerView] = {}
-        self.outbox: list[Action] = []
-        self.aggregator: bytes | None = None
-        self.last_aggregator: bytes | None = None
-        self.excluded: set[bytes] = set()
-        self.my_update: Update | None = None
-        self.updates: dict[int, dict[bytes, Update | Delta]] = {}
-        self.deadline: float | None = None
+        self._peers: dict[bytes, PeerView] = {}
+        self._outbox: list[Action] = []
+        self._aggregator: bytes | None = None
+        self._last_aggregator: bytes | None = None
+        self._excluded: set[bytes] = set()
+        self._my_update: Update | None = None
+        self._updates: dict[int, dict[bytes, Update | Delta]] = {}
+        self._deadline: float | None = None
         #: Offline: the digest of the averaged model we hold (None: the global one), the
         #: peers' latest shares for the current round, and offline steps done in all.
-        self.local_digest: bytes | None = None
-        self.shares: dict[bytes, Share] = {}
-        self.offline_steps = 0
+        self._local_digest: bytes | None = None
+        self._shares: dict[bytes, Share] = {}
+        self._offline_steps = 0
         self._step = 0
         self._collect_started: dict[int, float] = {}
         self._started = False
@@ -95,7 +109,7 @@ class RoundState:
         by ``aggregator``. Call it before ``resume_offline`` (that model is trained from
         this one). ValueError for an impossible checkpoint."""
         self._check_not_started("resume")
-        if self.local_digest is not None:
+        if self._local_digest is not None:
             raise RuntimeError("resume: call it before resume_offline")
         if (not isinstance(completed, int) or isinstance(completed, bool)
                 or not 0 <= completed <= self.rounds_total):
@@ -106,9 +120,9 @@ class RoundState:
             _check_bytes("resume: aggregator", aggregator, PUBLIC_KEY_LEN)
         if completed == 0 and (model_digest != self.genesis_digest or aggregator is not None):
             raise ValueError("resume: round 0 is the genesis model, published by nobody")
-        self.completed = completed
-        self.model_digest = model_digest
-        self.last_aggregator = aggregator
+        self._completed = completed
+        self._model_digest = model_digest
+        self._last_aggregator = aggregator
 
     def resume_offline(self, local_digest: bytes, steps: int) -> None:
         """Restore our offline model from a checkpoint, before ``start`` (and after
@@ -118,8 +132,8 @@ class RoundState:
         _check_bytes("resume_offline: local_digest", local_digest, DIGEST_LEN)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"resume_offline: steps must be an int >= 1, not {steps!r}")
-        self.local_digest = local_digest
-        self.offline_steps = steps
+        self._local_digest = local_digest
+        self._offline_steps = steps
 
     def set_timeouts(self, timeouts: RoundTimeouts) -> None:
         """Use ``timeouts`` from now on (a deadline already armed is kept; the next ones
@@ -127,20 +141,116 @@ class RoundState:
         a RoundTimeouts, ValueError unless every value is finite, ``start`` >= 0 and the
         others > 0."""
         _check_timeouts(timeouts)
-        self.timeouts = timeouts
-        self.deadlines.timeouts = timeouts
+        self._timeouts = timeouts
+        self._deadlines.timeouts = timeouts
 
     def set_quorum(self, quorum: int) -> None:
         """Need ``quorum`` participating members (this node included) for an elected round
         from now on. ValueError unless it is an int >= 1."""
         _check_quorum(quorum)
-        self.quorum = quorum
+        self._quorum = quorum
 
     def _check_not_started(self, what: str) -> None:
         if self._started:
             raise RuntimeError(f"{what}: only before start()")
 
     # -- views ------------------------------------------------------------------------
+
+    @property
+    def self_key(self) -> bytes:
+        """This node's public key."""
+        return self._self_key
+
+    @property
+    def federation(self) -> str:
+        """The federation's name (it salts the election)."""
+        return self._federation
+
+    @property
+    def rounds_total(self) -> int:
+        """How many rounds the run has."""
+        return self._rounds_total
+
+    @property
+    def quorum(self) -> int:
+        """Participating members (this node included) an elected round needs
+        (``set_quorum`` changes it)."""
+        return self._quorum
+
+    @property
+    def timeouts(self) -> RoundTimeouts:
+        """The configured deadlines (``set_timeouts`` changes them)."""
+        return self._timeouts
+
+    @property
+    def deadlines(self) -> Deadlines:
+        """The adaptive collect deadline, fitted to the lateness of updates."""
+        return self._deadlines
+
+    @property
+    def genesis_digest(self) -> bytes:
+        """The digest of the genesis model (round 0)."""
+        return self._genesis_digest
+
+    @property
+    def completed(self) -> int:
+        """The last round whose global model we applied (0: none yet)."""
+        return self._completed
+
+    @property
+    def model_digest(self) -> bytes:
+        """The digest of the last global model we applied."""
+        return self._model_digest
+
+    @property
+    def last_aggregator(self) -> bytes | None:
+        """Who published the last global model we applied (None: genesis)."""
+        return self._last_aggregator
+
+    @property
+    def local_digest(self) -> bytes | None:
+        """Offline: the digest of the averaged model we hold (None: the global one)."""
+        return self._local_digest
+
+    @property
+    def offline_steps(self) -> int:
+        """Offline steps done in all."""
+        return self._offline_steps
+
+    @property
+    def aggregator(self) -> bytes | None:
+        """The aggregator we elected for the current round (None: not yet)."""
+        return self._aggregator
+
+    @property
+    def my_update(self) -> Update | None:
+        """Our update of the current round, once trained."""
+        return self._my_update
+
+    @property
+    def spec(self) -> Spec:
+        """The federation's tensors (name, dtype, shape), in order (a copy)."""
+        return list(self._spec)
+
+    @property
+    def peers(self) -> Mapping[bytes, PeerView]:
+        """Live members but this node, with what we know of each (read-only)."""
+        return self._peers
+
+    @property
+    def excluded(self) -> AbstractSet[bytes]:
+        """Aggregators that failed in the current round (read-only)."""
+        return self._excluded
+
+    @property
+    def updates(self) -> Mapping[int, Mapping[bytes, Update | Delta]]:
+        """The updates received (ours included), by round then sender (read-only)."""
+        return self._updates
+
+    @property
+    def outbox(self) -> Sequence[Action]:
+        """The actions not yet taken (``take_actions`` drains them; read-only)."""
+        return self._outbox
 
     @property
     def phase(self) -> Phase:
@@ -190,11 +300,11 @@ class RoundState:
 
     def next_deadline(self) -> float | None:
         """When ``tick`` must next be called (None: no timer)."""
-        return self.deadline
+        return self._deadline
 
     def take_actions(self) -> list[Action]:
         """Drain the outbox."""
-        out, self.outbox = self.outbox, []
+        out, self._outbox = self._outbox, []
         return out
 
     # -- for the machine --------------------------------------------------------------
@@ -206,7 +316,13 @@ class RoundState:
         self._phase = phase
 
     def _note(self, kind: str, detail: str) -> None:
-        self.outbox.append(Note(kind, detail))
+        self._outbox.append(Note(kind, detail))
+
+    def _saw_round(self, key: bytes, round_number: int) -> None:
+        """Member ``key`` (if live) has completed at least ``round_number``."""
+        view = self._peers.get(key)
+        if view is not None and view.round < round_number:
+            self._peers[key] = replace(view, round=round_number)
 
 
 def _check_quorum(quorum: int) -> None:

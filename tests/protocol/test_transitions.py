@@ -142,6 +142,66 @@ def test_the_phase_cannot_be_assigned_from_outside():
     assert m.phase is Phase.WAITING_START
 
 
+# ---- fields: set only by the constructor and the machine's methods ----------------------
+
+#: Every field of the machine that outside code reads: each is a read-only property.
+FIELDS = ["phase", "self_key", "federation", "rounds_total", "quorum", "timeouts", "deadlines",
+          "spec", "genesis_digest", "completed", "model_digest", "last_aggregator",
+          "local_digest", "offline_steps", "aggregator", "excluded", "my_update", "updates",
+          "peers", "outbox"]
+
+
+def running_machine():
+    """A machine part-way into round 1 (a peer, an update of its own, a deadline)."""
+    m = aggregator_with_a_peer()
+    trained(m, 1.0)
+    assert m.phase is Phase.COLLECTING and m.my_update is not None
+    return m
+
+
+@pytest.mark.parametrize("name", FIELDS)
+def test_no_field_can_be_assigned_from_outside(name):
+    m = running_machine()
+    before = getattr(m, name)
+    with pytest.raises(AttributeError):
+        setattr(m, name, before)
+    with pytest.raises(AttributeError):
+        delattr(m, name)
+    assert getattr(m, name) == before
+
+
+def test_assigning_the_rounds_done_raises():
+    m = machine(KEYS[0])
+    with pytest.raises(AttributeError):
+        m.completed = 3  # type: ignore[misc]
+    assert (m.completed, m.current) == (0, 1)
+
+
+def test_the_machine_has_no_public_attribute_left_and_every_property_is_listed():
+    m = running_machine()
+    assert [k for k in vars(m) if not k.startswith("_")] == []
+    props = {k for c in type(m).__mro__ for k, v in vars(c).items()
+             if isinstance(v, property) and not k.startswith("_")}
+    # the others are derived from the fields: current, attempt, base_digest, offline
+    assert props - set(FIELDS) == {"current", "attempt", "base_digest", "offline"}
+    assert set(FIELDS) <= props
+
+
+def test_peer_views_are_replaced_not_changed_in_place():
+    m = running_machine()
+    [peer] = m.peers
+    with pytest.raises(AttributeError):
+        m.peers[peer].round = 5  # type: ignore[misc]
+    m.peer_status(peer, 2.0, round=0, state="training")
+    assert (m.peers[peer].round, m.peers[peer].state) == (0, "training")
+
+
+def test_the_spec_is_a_copy():
+    m = machine(KEYS[0])
+    m.spec.clear()
+    assert m.spec != []
+
+
 # ---- resume -----------------------------------------------------------------------------
 
 
