@@ -1,7 +1,8 @@
 """What an admitted member sends is checked before it is believed (docs/trust.md).
 
 * Every tensor of a model, a full update or an offline share is finite (no NaN, no
-  infinity); compressed deltas are checked the same way when decoded.
+  infinity) and no value exceeds ``MAX_ABS_WEIGHT`` in magnitude; compressed deltas are
+  checked for finiteness when decoded.
 * A model for a round beyond the next one (catch-up) is taken only with evidence that
   the federation reached that round: enough members other than its aggregator report a
   completed round at least that high in their signed heartbeats or announcements.
@@ -14,8 +15,6 @@ A member whose message fails a check gets a strike (node.peers.membership); afte
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from node.common.weights import from_tensors
@@ -24,22 +23,24 @@ from protocol.messages import Model
 from protocol.rounds import RoundMachine
 from protocol.tensors import Tensor
 
+#: No weight of a model, update or share may be larger in magnitude: trained networks are
+#: orders of magnitude below it; values beyond it are divergence or poison.
+MAX_ABS_WEIGHT = 1e5
 #: Strikes after which a member is cut off (its link closed, its key no longer trusted).
 MAX_STRIKES = 2
 
 
 def check_finite(tensors: list[Tensor], what: str) -> None:
-    """ProtocolError unless every floating-point value in ``tensors`` is finite."""
+    """ProtocolError unless every floating-point value in ``tensors`` is finite and at
+    most ``MAX_ABS_WEIGHT`` in magnitude."""
     for name, arr in from_tensors(tensors).items():
-        if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+        if arr.dtype.kind != "f" or not arr.size:
+            continue
+        if not np.isfinite(arr).all():
             raise ProtocolError(f"{what}: tensor {name[:60]!r} holds NaN or infinite values")
-
-
-def check_model(model: Model, against_held: Callable[[Model], None]) -> None:
-    """ProtocolError unless ``model`` is finite and ``against_held`` (the executor's bound
-    on how far it moves the model we hold) accepts it."""
-    check_finite(model.weights, "model")
-    against_held(model)
+        if float(np.abs(arr).max()) > MAX_ABS_WEIGHT:
+            raise ProtocolError(f"{what}: tensor {name[:60]!r} holds values over"
+                                f" {MAX_ABS_WEIGHT:g} in magnitude")
 
 
 def evidence_needed(machine: RoundMachine, model: Model) -> int:

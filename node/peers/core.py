@@ -5,12 +5,11 @@ messages into frames for links (``take_sends``). It does no I/O itself: the asyn
 daemon (node.runtime.supervisor) and the in-memory simulation (node.runtime.sim) drive
 the same core, so what the simulation tests is what runs.
 
-Trust: a key is trusted when it is in the trust store (pairing), pinned by the operator
-(``--peer KEY@HOST:PORT``), proves the federation secret, or when the node runs ``--open``.
-Only trusted keys become members; nothing else is accepted from or sent to anyone else.
+Trust (node.trust.policy): only trusted keys become members; nothing else is accepted
+from or sent to anyone else. What members send is checked first (node.peers.checks).
 
-Membership: direct links, plus members learnt from signed, gossiped ``announce``
-messages (reached through relays). Gossip: broadcasts travel as ``relay`` frames that
+Membership (node.peers.membership): direct links, plus members learnt from signed,
+gossiped ``announce`` messages (reached through relays). Gossip: broadcasts travel as ``relay`` frames that
 every node forwards at most once (seen-cache), to at most ``fanout`` peers, while the
 hop budget (``ttl``) lasts; updates for an aggregator without a direct link are routed
 through a neighbour that announces a link to it, or gossiped towards it.
@@ -19,14 +18,14 @@ through a neighbour that announces a link to it, or gossiped towards it.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
 
 from node.common.compress import decode_delta
 from node.common.state import SequenceCounter
-from node.peers.checks import check_finite, check_model, has_evidence
+from node.peers.checks import check_finite, has_evidence
+from node.peers.handshake import Handshake
 from node.peers.membership import PeerTable
 from node.peers.peerstats import Counters, PeerStats
 from node.trust.policy import TrustPolicy
@@ -37,12 +36,10 @@ from protocol.gossip import (
     DEFAULT_TTL,
     SeenCache,
     choose_fanout,
-    federation_proof,
     frame_id,
 )
 from protocol.identity import Identity, node_id_from_key
 from protocol.messages import (
-    NONCE_LEN,
     Announce,
     Delta,
     Heartbeat,
@@ -57,6 +54,8 @@ from protocol.rounds import RoundMachine
 
 log = logging.getLogger(__name__)
 
+#: A peer that still reports being behind is served our model again after this long.
+RESERVE_S = 5.0
 #: Bytes a relay adds around the frame it carries (envelope fields, ttl, to, headers).
 RELAY_OVERHEAD = 1024
 
@@ -105,14 +104,13 @@ class NodeCore:
         self.addresses: tuple[str, ...] = ()
         self.counters = Counters()
         self._sends: list[tuple[bytes, bytes | bytearray]] = []
-        #: Checks a new global model against the one we hold (the executor sets it:
-        #: ProtocolError if it moves too far, node.peers.checks).
-        self.model_check: Callable[[Model], None] = lambda model: None
         #: The signed frame of the global model we hold, re-served to peers that are behind.
         self.latest_model_frame: bytes | None = None
         #: Its aggregator: when that one goes down, we re-serve its model to our links
         #: (it may have died having sent it to only some of us).
         self.latest_model_aggregator: bytes | None = None
+        #: The three-hello handshake and admission (node.peers.handshake).
+        self.handshake = Handshake(self)
         self._credential = self.trust.credential(federation, identity.public_key)
 
     @property
@@ -140,17 +138,6 @@ class NodeCore:
         frame = bytes(self.frame(model))
         self.latest_model_frame = frame
         return frame
-
-    def hello(self, nonce: bytes, echo: bytes = b"") -> bytearray:
-        """Our handshake message: ``nonce`` challenges the peer, ``echo`` answers it (with
-        a federation-secret proof bound to it when we have a secret)."""
-        proof = b""
-        if echo and self.trust.federation_key:
-            proof = federation_proof(self.trust.federation_key, self.federation, self.key, echo)
-        return self.frame(Hello(
-            name=self.name, nonce=nonce, echo=echo, port=self.port,
-            genesis=self.machine.genesis_digest, round=self.machine.completed, proof=proof,
-        ))
 
     def heartbeat(self, state: str, echo_ts: int = 0) -> bytearray:
         """A heartbeat carrying our progress and a timestamp for RTT."""
@@ -211,20 +198,21 @@ class NodeCore:
             return choose_fanout(self.rng, via, self.fanout)
         return choose_fanout(self.rng, self.links, self.fanout, exclude=exclude)
 
-    def serve_model(self, link: bytes) -> None:
+    def serve_model(self, link: bytes, now: float | None = None, again: bool = False) -> None:
         """Re-serve the global model we hold to a linked peer that is behind, once per
-        round. The aggregator's signed frame travels inside a relay addressed to it."""
+        round; ``again`` (the peer still reports being behind), once more every
+        ``RESERVE_S``: it may have deferred the model until others vouched for its round
+        (node.peers.checks). The aggregator's signed frame travels in a relay to it."""
         st = self.known.get(link)
         frame = self.latest_model_frame
-        if frame is None or st is None or st.served_round >= self.machine.completed:
+        if frame is None or st is None:
+            return
+        if st.served_round >= self.machine.completed and not (
+                again and now is not None and now - st.served_at >= RESERVE_S):
             return
         st.served_round = self.machine.completed
+        st.served_at = now if now is not None else st.served_at
         self._send(link, self.frame(Relay(ttl=0, to=link, frame=frame)))
-
-    @staticmethod
-    def new_nonce() -> bytes:
-        """A fresh handshake challenge."""
-        return os.urandom(NONCE_LEN)
 
     # -- trust and links --------------------------------------------------------------
 
@@ -252,33 +240,12 @@ class NodeCore:
             # ours), so a signed model may be relayed or re-served for catch-up at any time.
             self.replay.check(env, self.wall_ms())
 
-    def accept_hello(self, frame: bytes, our_nonce: bytes | None) -> tuple[Envelope, Hello]:
-        """Check a peer's hello; when we challenged it, it must echo ``our_nonce``."""
-        env = self.decode(frame)
-        self.check_fresh(env)
-        msg = env.message
-        if not isinstance(msg, Hello):
-            raise ProtocolError(f"expected hello, got {env.type}")
-        if our_nonce is not None and msg.echo != our_nonce:
-            raise ProtocolError("hello does not answer our challenge")
-        if msg.genesis != self.machine.genesis_digest:
-            raise ProtocolError("peer trains another model (genesis hash differs:"
-                                " check --dataset, --model and --seed)")
-        return env, msg
-
-    def admit(self, key: bytes, hello: Hello, our_nonce: bytes) -> str | None:
-        """Why ``key`` is trusted after a handshake (None: it is not); ``hello`` is its
-        hello that answered ``our_nonce`` (node.trust.policy)."""
-        if self.peers.banned(key):
-            return None  # cut off for failed checks, for the rest of the run
-        return self.trust.admit(self.federation, key, hello.proof, our_nonce)
-
     def link_up(self, key: bytes, hello: Hello, address: str, trust: str, now: float) -> None:
         """A trusted peer's link is up (handshake and admission done)."""
         self.peers.up(key, hello.name, hello.round, address, trust, now)
         # A peer that is behind gets the signed global model we hold (catch-up).
         if hello.round < self.machine.completed:
-            self.serve_model(key)
+            self.serve_model(key, now)
 
     def link_down(self, key: bytes, now: float) -> None:
         """A peer's link went down (it may stay a member through relays)."""
@@ -288,7 +255,7 @@ class NodeCore:
             # peers it did not reach get it from us (once per round and link).
             self.latest_model_aggregator = None
             for link in sorted(self.links):
-                self.serve_model(link)
+                self.serve_model(link, now)
 
     def tick(self, now: float) -> None:
         """Expire relayed members whose announcements stopped."""
@@ -343,7 +310,7 @@ class NodeCore:
             self.machine.peer_status(env.sender, now, round=msg.round, state=msg.state)
             # Anti-entropy: a neighbour that is behind gets our model, once per round.
             if msg.round < self.machine.completed:
-                self.serve_model(env.sender)
+                self.serve_model(env.sender, now, again=True)
         elif isinstance(msg, Announce):
             self._on_announce(env.sender, msg, now)
         elif isinstance(msg, Update | Delta):
@@ -381,10 +348,10 @@ class NodeCore:
         if st is not None:
             st.last_seen = now
         if msg.round > self.machine.completed:
-            self._checked(sender, now, lambda: check_model(msg, self.model_check))
+            self._checked(sender, now, lambda: check_finite(msg.weights, "model"))
             if not has_evidence(self.machine, msg):
-                # A catch-up model nobody else vouches for (yet): taken when it is
-                # served again, once members report that round.
+                # A catch-up model nobody else vouches for (yet): members that hold the
+                # federation's model serve it again while we report being behind.
                 self.seen.discard(frame_id(frame))
                 log.debug("model of round %d deferred: no evidence yet that the"
                           " federation reached it", msg.round)
@@ -444,7 +411,7 @@ class NodeCore:
         if st.member:
             self.machine.peer_status(sender, now, round=msg.round, state=msg.state)
             if sender in self.links and msg.round < self.machine.completed:
-                self.serve_model(sender)  # anti-entropy, as for heartbeats
+                self.serve_model(sender, now, again=True)  # anti-entropy, as for heartbeats
 
     def _on_relay(self, link: bytes, relay: Relay, now: float) -> None:
         inner = relay.frame
@@ -478,9 +445,8 @@ class NodeCore:
                 self._send(target, wrapped)
 
     def reject(self, key: bytes | None, reason: str) -> None:
-        """Count a rejected frame against its link's peer."""
-        self.counters.rejected += 1
-        short = reason.split(" (")[0][:60]
-        self.counters.rejected_reasons[short] = self.counters.rejected_reasons.get(short, 0) + 1
+        """Count a rejected frame (by kind: bounded) against its link's peer."""
+        self.counters.count_reject(reason, node_id_from_key(key) if key else None,
+                                   self.wall_ms() / 1000)
         if key is not None and key in self.known:
             self.known[key].rejected += 1

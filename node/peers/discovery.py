@@ -50,6 +50,9 @@ class DiscoveryHost(DialingNode, Protocol):
 log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_fl-node._tcp.local."
+#: Nodes of our federation discovery keeps (and dials) at once; more are ignored until
+#: some leave, so a flood of announcements cannot grow the node without bound.
+MAX_DISCOVERED = 256
 
 
 def txt_records(node: DiscoveryHost) -> dict[str, str]:
@@ -162,6 +165,9 @@ class Discovery:
             return
         address = f"{addresses[0]}:{info.port}"
         if self._addresses.get(name) == (address, key):
+            return
+        if name not in self._addresses and len(self._addresses) >= MAX_DISCOVERED:
+            log.debug("mDNS: %s ignored: %d nodes are known already", name, MAX_DISCOVERED)
             return
         old = self._addresses.get(name)
         if old:

@@ -17,6 +17,12 @@ from node.trust.policy import TrustPolicy
 from protocol.identity import node_id_from_key
 from protocol.rounds import RoundMachine
 
+#: Records kept of keys that are not trusted (strangers that completed a handshake,
+#: nodes discovered or announced but not trusted): the least recently seen go first.
+MAX_STRANGERS = 64
+#: A stranger's record is dropped after this long without a sign of it.
+STRANGER_TTL_S = 600.0
+
 
 class PeerTable:
     """The peers one node knows of (``known``), its links, and live membership."""
@@ -33,11 +39,24 @@ class PeerTable:
         self.on_strike: Callable[[bytes, str, bool], None] = lambda key, reason, cut: None
 
     def stats(self, key: bytes, name: str = "") -> PeerStats:
-        """The record of ``key`` (created on first sight)."""
+        """The record of ``key`` (created on first sight; the least recently seen
+        stranger's record makes room when ``MAX_STRANGERS`` are kept)."""
         st = self.known.get(key)
         if st is None:
+            self._make_room()
             st = self.known[key] = PeerStats(name=name or node_id_from_key(key)[:9])
         return st
+
+    def _strangers(self) -> list[tuple[bytes, PeerStats]]:
+        """Records of keys that are neither trusted, members, linked nor cut off."""
+        return [(k, st) for k, st in self.known.items()
+                if not (st.trusted or st.member or st.banned or k in self.links)]
+
+    def _make_room(self) -> None:
+        strangers = self._strangers()
+        if len(strangers) >= MAX_STRANGERS:
+            oldest = min(strangers, key=lambda item: item[1].last_seen)[0]
+            del self.known[oldest]
 
     def note_untrusted(self, key: bytes, name: str, address: str, now: float) -> None:
         """A node completed a handshake (or was discovered) but is not trusted."""
@@ -105,10 +124,14 @@ class PeerTable:
             self.machine.peer_down(key, now)
 
     def expire(self, now: float) -> None:
-        """Expire relayed members whose announcements stopped."""
+        """Expire relayed members whose announcements stopped, and strangers silent for
+        ``STRANGER_TTL_S``."""
         for key, st in list(self.known.items()):
             if st.member and key not in self.links and not self.reachable(key, now):
                 self.set_member(key, False, now)
+        for key, st in self._strangers():
+            if now - st.last_seen > STRANGER_TTL_S:
+                del self.known[key]
 
     def strike(self, key: bytes, reason: str, now: float) -> bool:
         """``key`` sent something that failed a check; True when this strike cuts it off

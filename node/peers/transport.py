@@ -95,22 +95,25 @@ class PeerTransport:
 
     async def _accept(self, request: web.Request) -> web.StreamResponse:
         # The websocket limit sits a little above our own cap so that our decoder, not
-        # aiohttp, reports most oversize frames (with a reason in the log).
-        ws = web.WebSocketResponse(max_msg_size=self.core.max_message_size + 4096, heartbeat=20,
+        # aiohttp, reports most oversize frames (with a reason in the log). No aiohttp
+        # heartbeat: our heartbeats and the idle timeout watch a link, and aiohttp's timer
+        # kept every closed socket (and its buffers) alive for 20 s, which a flood of
+        # handshakes turned into memory (11 KB each; issue 12).
+        ws = web.WebSocketResponse(max_msg_size=self.core.max_message_size + 4096,
                                    compress=False)
         await ws.prepare(request)
         peer_ip = request.remote or "?"
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 first = await self._receive_frame(ws)
-                env, hello = self.core.accept_hello(first, None)
-                our_nonce = self.core.new_nonce()
-                await ws.send_bytes(_wire(self.core.hello(our_nonce, echo=hello.nonce)))
+                env, hello = self.core.handshake.accept(first, None)
+                our_nonce = self.core.handshake.new_nonce()
+                await ws.send_bytes(_wire(self.core.handshake.hello(our_nonce, echo=hello.nonce)))
                 third = await self._receive_frame(ws)
-                env3, hello3 = self.core.accept_hello(third, our_nonce)
+                env3, hello3 = self.core.handshake.accept(third, our_nonce)
                 if env3.sender != env.sender:
                     raise ProtocolError("handshake answered by another key")
-                trust = self.core.admit(env.sender, hello3, our_nonce)
+                trust = self.core.handshake.admit(env.sender, hello3, our_nonce)
         except (ProtocolError, TimeoutError, ConnectionError, aiohttp.ClientError) as exc:
             reason = exc.reason if isinstance(exc, ProtocolError) else type(exc).__name__
             log.warning("refused link from %s: %s", peer_ip, reason)
@@ -184,20 +187,20 @@ class PeerTransport:
             )
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                our_nonce = self.core.new_nonce()
-                await ws.send_bytes(_wire(self.core.hello(our_nonce)))
+                our_nonce = self.core.handshake.new_nonce()
+                await ws.send_bytes(_wire(self.core.handshake.hello(our_nonce)))
                 reply = await self._receive_frame(ws)
-                env, hello = self.core.accept_hello(reply, our_nonce)
+                env, hello = self.core.handshake.accept(reply, our_nonce)
                 if expected is not None and not expected(env.sender):
                     raise ProtocolError(f"{address} answered with key"
                                         f" {node_id_from_key(env.sender)}, not the expected"
                                         " one: dropped as an impostor")
-                await ws.send_bytes(_wire(self.core.hello(self.core.new_nonce(), echo=hello.nonce)))
+                await ws.send_bytes(_wire(self.core.handshake.hello(self.core.handshake.new_nonce(), echo=hello.nonce)))
         except BaseException:
             await close_ws(ws)
             raise
         self.address_keys[address] = env.sender
-        trust = self.core.admit(env.sender, hello, our_nonce)
+        trust = self.core.handshake.admit(env.sender, hello, our_nonce)
         if trust is None:
             self._untrusted(env.sender, hello, address)
             await close_ws(ws)

@@ -45,7 +45,7 @@ from node.runtime.learner import Learner, Weights
 from node.runtime.records import RoundRecord
 from protocol.errors import ProtocolError
 from protocol.identity import node_id_from_key
-from protocol.messages import Delta, Model, Share, Update
+from protocol.messages import Delta, Share, Update
 from protocol.rounds import (
     STATE_PREFIX,
     Action,
@@ -106,7 +106,6 @@ class Executor:
         self.codec = codec
         #: How far an update may move from the global model, in multiples of its norm.
         self.update_norm_bound = update_norm_bound
-        core.model_check = self.check_model
         self.feedback = ErrorFeedback(codec) if codec.lossy else None
         #: The model we train from (our offline average while offline), and the last
         #: global model (compressed updates are differences to it).
@@ -347,16 +346,6 @@ class Executor:
 
     def _change_limit(self) -> float:
         return self.update_norm_bound * max(1.0, _l2(self._global_model().values()))
-
-    def check_model(self, model: Model) -> None:
-        """ProtocolError if ``model`` moves the global model we hold further than an update
-        may (``update_norm_bound``): an aggregate of bounded updates never does."""
-        limit = self._change_limit()
-        held = self._global_model()
-        change = _l2(w - held[k] for k, w in from_tensors(model.weights).items() if k in held)
-        if not change <= limit:
-            raise ProtocolError(f"model: its change has L2 norm {change:.3g}, over the bound"
-                                f" {limit:.3g} (--update-norm-bound)")
 
     def _bounded(self, received: dict[bytes, Update | Delta]) -> Decoded:
         """Decode the round's updates, refusing any whose change from the global model

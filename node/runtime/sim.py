@@ -190,6 +190,19 @@ class Simulation:
         self._drain(node)
         self.at(self.rng.uniform(0, self.announce_interval),
                 lambda: self._announce_loop(node, node.epoch))
+        if self.heartbeat_interval:
+            self.at(self.rng.uniform(0, self.heartbeat_interval),
+                    functools.partial(self._heartbeat_loop, node, node.epoch))
+
+    def start_heartbeats(self, interval: float) -> None:
+        """Start heartbeats on every link from now on (progress reports and anti-entropy,
+        as the daemon sends them all along)."""
+        started = self.heartbeat_interval is not None
+        self.heartbeat_interval = interval
+        if not started:
+            for node in self.alive():
+                self.at(self.rng.uniform(0, interval),
+                        functools.partial(self._heartbeat_loop, node, node.epoch))
 
     # -- scheduling -------------------------------------------------------------------
 
@@ -248,14 +261,14 @@ class Simulation:
         if not (na.alive and nb.alive) or frozenset((a, b)) in self.links:
             return
         # the real three-hello handshake, with federation proofs bound to the challenges
-        nonce_a, nonce_b = na.core.new_nonce(), nb.core.new_nonce()
-        env_1, msg_1 = nb.core.accept_hello(bytes(na.core.hello(nonce_a)), None)
-        env_2, msg_2 = na.core.accept_hello(bytes(nb.core.hello(nonce_b, echo=msg_1.nonce)),
+        nonce_a, nonce_b = na.core.handshake.new_nonce(), nb.core.handshake.new_nonce()
+        env_1, msg_1 = nb.core.handshake.accept(bytes(na.core.handshake.hello(nonce_a)), None)
+        env_2, msg_2 = na.core.handshake.accept(bytes(nb.core.handshake.hello(nonce_b, echo=msg_1.nonce)),
                                             nonce_a)
-        env_3, msg_3 = nb.core.accept_hello(bytes(na.core.hello(na.core.new_nonce(),
+        env_3, msg_3 = nb.core.handshake.accept(bytes(na.core.handshake.hello(na.core.handshake.new_nonce(),
                                                                 echo=msg_2.nonce)), nonce_b)
-        trust_b = na.core.admit(nb.key, msg_2, nonce_a)
-        trust_a = nb.core.admit(na.key, msg_3, nonce_b)
+        trust_b = na.core.handshake.admit(nb.key, msg_2, nonce_a)
+        trust_a = nb.core.handshake.admit(na.key, msg_3, nonce_b)
         if trust_a is None or trust_b is None:
             na.core.peers.note_untrusted(nb.key, msg_2.name, f"sim:{b}", self.now)
             nb.core.peers.note_untrusted(na.key, msg_3.name, f"sim:{a}", self.now)

@@ -84,6 +84,7 @@ def node_status(node: Node) -> dict[str, Any]:
             "bytes_sent": c.bytes_sent, "bytes_received": c.bytes_received,
             "messages_sent": c.messages_sent, "messages_received": c.messages_received,
             "rejected": c.rejected, "rejected_reasons": dict(c.rejected_reasons),
+            "recent_rejections": list(c.recent_rejections),
             "duplicates": c.duplicates, "relayed": c.relayed,
         },
         "learner": node.learner.describe(),

@@ -29,10 +29,10 @@ def core(n: int, seed_model: list[Tensor] | None = None) -> NodeCore:
 
 def handshake(a: NodeCore, b: NodeCore) -> None:
     """The three hellos of node.peers.transport, without the socket."""
-    na, nb = a.new_nonce(), b.new_nonce()
-    env1, h1 = b.accept_hello(bytes(a.hello(na)), None)
-    env2, h2 = a.accept_hello(bytes(b.hello(nb, echo=h1.nonce)), na)
-    env3, h3 = b.accept_hello(bytes(a.hello(a.new_nonce(), echo=h2.nonce)), nb)
+    na, nb = a.handshake.new_nonce(), b.handshake.new_nonce()
+    env1, h1 = b.handshake.accept(bytes(a.handshake.hello(na)), None)
+    env2, h2 = a.handshake.accept(bytes(b.handshake.hello(nb, echo=h1.nonce)), na)
+    env3, h3 = b.handshake.accept(bytes(a.handshake.hello(a.handshake.new_nonce(), echo=h2.nonce)), nb)
     assert env3.sender == env1.sender
     a.link_up(b.key, h2, "b", "pinned", 0.0)
     b.link_up(a.key, h3, "a", "pinned", 0.0)
@@ -47,17 +47,17 @@ def publish_round_one(aggregator: NodeCore) -> bytes:
 
 def test_a_hello_that_does_not_echo_the_challenge_is_refused():
     a, b = core(1), core(2)
-    na = a.new_nonce()
-    b.accept_hello(bytes(a.hello(na)), None)
+    na = a.handshake.new_nonce()
+    b.handshake.accept(bytes(a.handshake.hello(na)), None)
     with pytest.raises(ProtocolError, match="challenge"):
-        a.accept_hello(bytes(b.hello(b.new_nonce(), echo=bytes(16))), na)
+        a.handshake.accept(bytes(b.handshake.hello(b.handshake.new_nonce(), echo=bytes(16))), na)
 
 
 def test_a_hello_from_a_node_with_another_genesis_is_refused():
     a, b = core(1), core(2, seed_model=weights(9.0))
     assert b.machine.genesis_digest != a.machine.genesis_digest
     with pytest.raises(ProtocolError, match="genesis"):
-        a.accept_hello(bytes(b.hello(b.new_nonce())), None)
+        a.handshake.accept(bytes(b.handshake.hello(b.handshake.new_nonce())), None)
 
 
 def test_a_lagging_node_applies_the_model_frame_re_served_by_its_aggregator():

@@ -41,11 +41,11 @@ def core(n: int, trust: TrustPolicy | None = None, **kw) -> NodeCore:
 
 def link(a: NodeCore, b: NodeCore, now: float = 0.0) -> None:
     """The three hellos, then admission on both sides (as node.peers.transport does)."""
-    na, nb = a.new_nonce(), b.new_nonce()
-    _, h1 = b.accept_hello(bytes(a.hello(na)), None)
-    _, h2 = a.accept_hello(bytes(b.hello(nb, echo=h1.nonce)), na)
-    _, h3 = b.accept_hello(bytes(a.hello(a.new_nonce(), echo=h2.nonce)), nb)
-    trust_b, trust_a = a.admit(b.key, h2, na), b.admit(a.key, h3, nb)
+    na, nb = a.handshake.new_nonce(), b.handshake.new_nonce()
+    _, h1 = b.handshake.accept(bytes(a.handshake.hello(na)), None)
+    _, h2 = a.handshake.accept(bytes(b.handshake.hello(nb, echo=h1.nonce)), na)
+    _, h3 = b.handshake.accept(bytes(a.handshake.hello(a.handshake.new_nonce(), echo=h2.nonce)), nb)
+    trust_b, trust_a = a.handshake.admit(b.key, h2, na), b.handshake.admit(a.key, h3, nb)
     assert trust_a and trust_b
     a.link_up(b.key, h2, "b", trust_b, now)
     b.link_up(a.key, h3, "a", trust_a, now)
@@ -79,14 +79,14 @@ def relays(sends, to: bytes) -> list[Relay]:
 
 def test_the_handshake_proof_is_bound_to_our_challenge():
     a, b = core(1), core(2)
-    na = a.new_nonce()
-    _, h1 = b.accept_hello(bytes(a.hello(na)), None)
+    na = a.handshake.new_nonce()
+    _, h1 = b.handshake.accept(bytes(a.handshake.hello(na)), None)
     assert h1.proof == b""  # hello 1 answers nothing, so it proves nothing
-    _, h2 = a.accept_hello(bytes(b.hello(b.new_nonce(), echo=h1.nonce)), na)
+    _, h2 = a.handshake.accept(bytes(b.handshake.hello(b.handshake.new_nonce(), echo=h1.nonce)), na)
     assert h2.proof == federation_proof(FED_KEY, FED, b.key, na)
-    assert a.admit(b.key, h2, na) == "federation-secret"
-    assert a.admit(b.key, h2, bytes(16)) is None  # a proof for another challenge
-    assert core(3, TrustPolicy()).admit(b.key, h2, na) is None  # we have no secret
+    assert a.handshake.admit(b.key, h2, na) == "federation-secret"
+    assert a.handshake.admit(b.key, h2, bytes(16)) is None  # a proof for another challenge
+    assert core(3, TrustPolicy()).handshake.admit(b.key, h2, na) is None  # we have no secret
 
 
 def test_static_trust_reasons_in_order():
@@ -293,6 +293,23 @@ def test_a_peer_behind_is_served_the_aggregators_frame_in_a_ttl_zero_relay():
     assert not relays(b.take_sends(), lag.key)  # once per round
     feed(lag, b, b.frame(served[0]), 2.0)
     assert lag.machine.completed == 1 and frame_id(lag.latest_model_frame) == frame_id(frame)
+
+
+def test_a_peer_still_behind_is_served_again_after_the_reserve_interval():
+    """A node that deferred a catch-up model (no evidence yet, node.peers.checks) keeps
+    reporting the old round: it is served again, at most every RESERVE_S."""
+    from node.peers.core import RESERVE_S
+
+    a, b, lag = core(1), core(2), core(3)
+    link(a, b)
+    feed(b, a, model_frame(a))
+    b.take_sends()
+    link(b, lag, now=1.0)
+    assert relays(b.take_sends(), lag.key)
+    feed(b, lag, bytes(lag.heartbeat("waiting")), 1.0 + RESERVE_S / 2)
+    assert not relays(b.take_sends(), lag.key)
+    feed(b, lag, bytes(lag.heartbeat("waiting")), 1.0 + RESERVE_S + 0.1)
+    assert relays(b.take_sends(), lag.key)
 
 
 # -- known gaps (docs/protocol.md, "Limitations"): these fail today ---------------------
