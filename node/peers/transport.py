@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from node.common.health import Health
+from node.common.ratelog import RateLimitedLog
 from node.common.wsclose import CLOSE_GRACE, AnyWebSocket, close_ws
 from node.peers.core import NodeCore
 from protocol.envelope import Envelope
@@ -82,6 +83,12 @@ class PeerTransport:
         self.address_keys: dict[str, bytes] = {}
         self._changed = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
+        #: Lines about what peers send, limited per peer and kind (a flood cannot fill
+        #: the log: node.common.ratelog).
+        self.refused_log = RateLimitedLog(log, what="refused links")
+        self.untrusted_log = RateLimitedLog(log, what="untrusted handshakes")
+        self.dial_log = RateLimitedLog(log, what="failed handshakes")
+        self.rejected_log = RateLimitedLog(log, what="rejected messages")
         #: Seconds without any frame after which a link is considered dead.
         self.idle_timeout = 10.0
 
@@ -116,7 +123,7 @@ class PeerTransport:
                 trust = self.core.handshake.admit(env.sender, hello3, our_nonce)
         except (ProtocolError, TimeoutError, ConnectionError, aiohttp.ClientError) as exc:
             reason = exc.reason if isinstance(exc, ProtocolError) else type(exc).__name__
-            log.warning("refused link from %s: %s", peer_ip, reason)
+            self.refused_log.warning(peer_ip, "refused link from %s: %s", peer_ip, reason)
             self.core.reject(None, reason)
             await close_ws(ws)
             return ws
@@ -130,8 +137,9 @@ class PeerTransport:
         return ws
 
     def _untrusted(self, key: bytes, hello: Hello, address: str) -> None:
-        log.info("peer %s (%s) at %s is not trusted (no pairing, federation secret or"
-                 " --open): no model traffic", hello.name, node_id_from_key(key), address)
+        self.untrusted_log.info(address.rsplit(":", 1)[0], "peer %s (%s) at %s is not"
+                                " trusted (no pairing, federation secret or --open): no"
+                                " model traffic", hello.name, node_id_from_key(key), address)
         self.core.peers.note_untrusted(key, hello.name, address, now())
 
     # -- client -----------------------------------------------------------------------
@@ -164,7 +172,8 @@ class PeerTransport:
                           else str(exc) or type(exc).__name__)
                 log.debug("dial %s failed: %s", address, reason)
                 if isinstance(exc, ProtocolError):
-                    log.warning("handshake with %s failed: %s", address, reason)
+                    self.dial_log.warning(address, "handshake with %s failed: %s", address,
+                                          reason)
                     self.core.reject(None, reason)
                     delay = max(delay, 30.0)  # an impostor or a stranger: do not hammer
             except Exception as exc:  # noqa: BLE001 (a bug must not end the dialing for good)
@@ -308,7 +317,8 @@ class PeerTransport:
             except ProtocolError as exc:
                 link.rejects += 1
                 self.core.reject(link.key, exc.reason)
-                log.warning("rejected message from %s: %s", link.node_id, exc.reason)
+                self.rejected_log.warning(link.node_id, "rejected message from %s: %s",
+                                          link.node_id, exc.reason)
                 if link.rejects >= MAX_REJECTS_PER_LINK:
                     log.warning("cutting link to %s: too many bad messages", link.node_id)
                     return
