@@ -19,7 +19,7 @@ from .model import Connection, LogLine, NodeStatus, Peer, Resources, TopologyRow
 #: Colours of peer states and node states, for a quick read of what is healthy.
 STATE_STYLES = {
     "connected": "green", "relayed": "cyan", "joined": "cyan", "suspect": "yellow",
-    "gone": "red", "untrusted": "red",
+    "gone": "red", "untrusted": "red", "banned": "red",
     "training": "bold green", "collecting": "green", "aggregating": "bold magenta",
     "waiting": "yellow", "waiting_model": "yellow", "offline": "red", "stopped": "red",
     "done": "bold blue",

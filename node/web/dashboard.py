@@ -53,7 +53,7 @@ _PAGE_HEADERS = {
         " img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     ),
 }
-_PEER_STATES = ("connected", "relayed", "suspect", "gone", "untrusted")
+_PEER_STATES = ("connected", "relayed", "suspect", "gone", "untrusted", "banned")
 
 
 class Controllable(Protocol):

@@ -11,7 +11,7 @@ const COLORS = {
   axis: "#5b6470", grid: "#e3e6ea", text: "#3b424b",
   accuracy: "#1f6feb", loss: "#c2410c",
 };
-const PEER_STATE_ORDER = ["connected", "relayed", "suspect", "untrusted", "gone"];
+const PEER_STATE_ORDER = ["connected", "relayed", "suspect", "untrusted", "gone", "banned"];
 const MAX_TOPOLOGY_LABELS = 16;
 
 const $ = (id) => document.getElementById(id);
@@ -374,7 +374,7 @@ function renderTopology(status, allPeers) {
   const dim = new Set();
   for (const p of peers) {
     names.set(p.node_id, p.name || shortId(p.node_id));
-    if (p.state === "gone" || p.state === "untrusted") dim.add(p.node_id);
+    if (p.state === "gone" || p.state === "untrusted" || p.state === "banned") dim.add(p.node_id);
   }
   const edges = new Map();
   const link = (a, b) => {
