@@ -71,7 +71,7 @@ def run_schedule(seed: int) -> Simulation:
     # From here on the nodes report their progress as the daemon does all along (off
     # before, to keep 550 schedules fast): a node that deferred a catch-up model gets it
     # again once others vouch for its round.
-    sim.start_heartbeats(3.0)
+    sim.start_heartbeats(10.0)
     sim.run(horizon + 5000, stop=lambda: sim.all_done(rounds))
     return sim
 
