@@ -28,7 +28,6 @@ from node.runtime.checkpoints import CheckpointStore, NodeDB
 from node.runtime.control import NodeEvents, round_timeouts
 from node.runtime.executor import Executor
 from node.runtime.learner import Learner
-from node.runtime.restore import restore
 from node.runtime.supervisor import Node
 from node.trust.policy import TrustPolicy
 from node.trust.store import TrustStore
@@ -89,19 +88,13 @@ def build_node(config: NodeConfig, learner: Learner) -> Node:
                         events=events, health=health, now=now, wall=time.time,
                         codec=parse_codec(config.compress), genesis=genesis,
                         update_norm_bound=config.update_norm_bound)
-    restored = restore(checkpoints, machine, max_size=config.max_message_size)
+    restored = executor.resume(checkpoints, max_size=config.max_message_size)
     if restored.weights is not None:
-        executor.weights = executor.global_weights = restored.weights
-        core.latest_model_frame = restored.frame
-        executor.checkpoint_round = restored.round
         rows = [r for r in db.rounds()
                 if r["round"] <= restored.round and r["accuracy"] is not None]
         if rows:
             executor.accuracy, executor.loss = rows[-1]["accuracy"], rows[-1]["loss"]
             executor.evaluated_round = rows[-1]["round"]
-    if restored.offline_weights is not None:
-        executor.weights = restored.offline_weights
-        executor.offline_checkpoint_step = restored.offline_step
     return Node(config=config, learner=learner, identity=identity, core=core,
                 executor=executor, trust=trust, trust_store=trust_store,
                 api_token=load_or_create_api_token(state_dir), db=db, health=health,

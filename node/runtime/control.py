@@ -118,10 +118,6 @@ class NodeControl:
     def status(self) -> dict[str, Any]:
         return self.node.status()
 
-    def health(self) -> dict[str, Any]:
-        """``{"state": "ok"|"degraded", "problems": {...}}`` (node.common.health)."""
-        return self.node.health_view()
-
     async def metrics(self) -> list[dict[str, Any]]:
         """Every recorded round, oldest first."""
         return await asyncio.to_thread(self.node.db.rounds)
@@ -192,7 +188,6 @@ class NodeControl:
         if refusal is not None:
             raise ValueError(refusal)
         node.executor.stopped_reason = None
-        node.health.recovered("training")
         m.start(now())
         node.executor.tell_peers()
         node.after_input()

@@ -43,6 +43,7 @@ from node.runtime.jobs import (
 )
 from node.runtime.learner import Learner, Weights
 from node.runtime.records import RoundRecord
+from node.runtime.restore import CheckpointSource, Restored, restore
 from protocol.errors import ProtocolError
 from protocol.identity import node_id_from_key
 from protocol.messages import Delta, Share, Update
@@ -129,6 +130,20 @@ class Executor:
         self._stats: dict[int, dict[str, float]] = {}
         self._ckpt_pending: tuple[int, bytes, bytes] | None = None
         self._offline_pending: tuple[int, bytes, bytes, int] | None = None
+
+    def resume(self, store: CheckpointSource, *, max_size: int) -> Restored:
+        """Resume from the newest good checkpoint in ``store`` and the offline model
+        after it (node.runtime.restore), before the machine starts: the daemon and the
+        simulation restart the same way."""
+        restored = restore(store, self.machine, max_size=max_size)
+        if restored.weights is not None:
+            self.weights = self.global_weights = restored.weights
+            self.core.latest_model_frame = restored.frame
+            self.checkpoint_round = restored.round
+        if restored.offline_weights is not None:
+            self.weights = restored.offline_weights
+            self.offline_checkpoint_step = restored.offline_step
+        return restored
 
     # -- taking the machine's actions ------------------------------------------------
 

@@ -28,7 +28,6 @@ from node.common.weights import to_tensors
 from node.peers.core import NodeCore
 from node.runtime.executor import Executor
 from node.runtime.jobs import QueuedJob, advance, run_now
-from node.runtime.restore import restore
 from node.runtime.simparts import MemoryCheckpoints, MemoryLog, SimEvents, VectorLearner
 from node.trust.policy import TrustPolicy
 from protocol.errors import ProtocolError
@@ -165,12 +164,7 @@ class Simulation:
                             events=events, health=health, now=lambda: self.now,
                             wall=lambda: 1_700_000_000.0 + self.now,
                             codec=parse_codec(p.compress), genesis=genesis)
-        restored = restore(store, machine, max_size=core.max_message_size)
-        if restored.weights is not None:
-            executor.weights = executor.global_weights = restored.weights
-            core.latest_model_frame = restored.frame
-        if restored.offline_weights is not None:
-            executor.weights = restored.offline_weights
+        executor.resume(store, max_size=core.max_message_size)
         return SimNode(i, core, executor, learner, store, events, health)
 
     def restart(self, i: int, peers: list[int] | None = None) -> None:
