@@ -159,23 +159,6 @@ class Node:
 
         return node_status(self)
 
-    # Attributes older callers read on the node itself (status, tests, the TUI's source).
-    @property
-    def history(self) -> list[Any]:
-        return self.executor.history
-
-    @property
-    def accuracy(self) -> float | None:
-        return self.executor.accuracy
-
-    @property
-    def offline_checkpoint_step(self) -> int:
-        return self.executor.offline_checkpoint_step
-
-    @property
-    def checkpoint_round(self) -> int:
-        return self.executor.checkpoint_round
-
     # -- supervision ------------------------------------------------------------------
 
     def request_shutdown(self) -> None:

@@ -51,7 +51,7 @@ async def test_three_nodes_train_to_the_same_model(tmp_path, no_leaked_tasks, mo
             third = make_node(tmp_path, 2, 3, peers=[first, second])
             async with running([third]):
                 nodes = [first, second, third]
-                await _wait(lambda: all(n.state == "done" and len(n.history) == 4
+                await _wait(lambda: all(n.state == "done" and len(n.executor.history) == 4
                                         for n in nodes))
                 async with aiohttp.ClientSession() as s:
                     async with s.get(f"http://127.0.0.1:{first.web_port}/api/status") as r:
@@ -63,7 +63,7 @@ async def test_three_nodes_train_to_the_same_model(tmp_path, no_leaked_tasks, mo
     assert all(p["trusted"] and p["trust"] == "federation-secret" for p in status["peers"])
     # every node took part in every round
     assert all(n.learner.trained_rounds == [1, 2, 3, 4] for n in nodes)
-    assert all(r.contributors == 3 for r in first.history)
+    assert all(r.contributors == 3 for r in first.executor.history)
 
 
 async def test_a_node_below_quorum_trains_offline_and_resumes_its_offline_model(
@@ -76,7 +76,7 @@ async def test_a_node_below_quorum_trains_offline_and_resumes_its_offline_model(
 
     node = lone()
     async with running([node]):
-        await _wait(lambda: node.offline_checkpoint_step >= 3)
+        await _wait(lambda: node.executor.offline_checkpoint_step >= 3)
         status = node.status()
         node.request_shutdown()
     assert status["mode"] == "offline" and status["state"] == "offline"
@@ -119,7 +119,7 @@ async def test_a_stopped_node_is_left_out_and_rejoins_when_started(tmp_path, no_
                 stopped_at = third.machine.completed
                 # the others see it stopped and carry on as two (still a quorum of 2)
                 await _wait(lambda: first.machine.completed >= stopped_at + 3)
-                late = [r for r in first.history if r.round > stopped_at + 1]
+                late = [r for r in first.executor.history if r.round > stopped_at + 1]
                 assert late and all(r.contributors == 2 for r in late)
                 # it trained no more (it still follows the global model, so a start
                 # resumes from the federation's latest round)
@@ -128,7 +128,7 @@ async def test_a_stopped_node_is_left_out_and_rejoins_when_started(tmp_path, no_
                 await third.control.start_training()
                 target = first.machine.completed + 2
                 await _wait(lambda: all(n.machine.completed >= target for n in nodes))
-                await _wait(lambda: any(r.contributors == 3 for r in first.history
+                await _wait(lambda: any(r.contributors == 3 for r in first.executor.history
                                         if r.round >= target), 30)
                 kinds = [e["kind"] for e in await third.control.events(100)]
     assert "training_stopped" in kinds and "training_started" in kinds
@@ -148,12 +148,12 @@ async def _federation_bytes(tmp_path, compress: str) -> tuple[list[Node], float]
         nodes[-1]._task = task  # type: ignore[attr-defined]
         await _wait(lambda n=nodes[-1]: n.peer_port)
     try:
-        await _wait(lambda: all(n.state == "done" and len(n.history) == 3 for n in nodes))
+        await _wait(lambda: all(n.state == "done" and len(n.executor.history) == 3 for n in nodes))
     finally:
         for n in nodes:
             n.request_shutdown()
         await asyncio.gather(*(n._task for n in nodes), return_exceptions=True)  # type: ignore[attr-defined]
-    sizes = [r.update_bytes for n in nodes for r in n.history if r.update_bytes]
+    sizes = [r.update_bytes for n in nodes for r in n.executor.history if r.update_bytes]
     return nodes, sum(sizes) / len(sizes)
 
 
@@ -164,8 +164,8 @@ async def test_int8_compressed_updates_train_the_same_federation_with_fewer_byte
     plain, full = await _federation_bytes(tmp_path, "none")
     small, packed = await _federation_bytes(tmp_path, "int8")
     assert len({n.model_hash() for n in small}) == 1  # one model, from deltas
-    assert all(r.contributors == 3 for r in small[0].history)
+    assert all(r.contributors == 3 for r in small[0].executor.history)
     assert packed <= 0.30 * full, (packed, full)
     # the compressed federation learns as well: same final loss within a few percent
-    final = [n.accuracy for n in plain][0], [n.accuracy for n in small][0]
+    final = [n.executor.accuracy for n in plain][0], [n.executor.accuracy for n in small][0]
     assert abs(final[0] - final[1]) < 0.02, final

@@ -68,11 +68,11 @@ async def test_disk_full_checkpoints_fail_training_goes_on_and_they_resume(
         assert status["health"]["state"] == "degraded"
         assert "No space left" in status["health"]["problems"]["checkpoints"]["reason"]
         assert health["health"] == "degraded" and "checkpoints" in health["problems"]
-        assert node.checkpoint_round == 0  # nothing could be written
+        assert node.executor.checkpoint_round == 0  # nothing could be written
         at = node.machine.completed
         await _wait(lambda: node.machine.completed >= at + 2)  # training goes on
         disk.full = False  # space returns: the retry writes the newest model
-        await _wait(lambda: node.checkpoint_round >= at + 2, timeout=20)
+        await _wait(lambda: node.executor.checkpoint_round >= at + 2, timeout=20)
         await _wait(lambda: node.health.state == "ok")
         assert (await healthz(node))["health"] == "ok"
     files = sorted((tmp_path / "lone" / "checkpoints").glob("round-*.ckpt"))

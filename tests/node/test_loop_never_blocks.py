@@ -37,7 +37,7 @@ def test_real_training_never_blocks_the_event_loop(tmp_path, caplog):
         loop.slow_callback_duration = threshold
         task = asyncio.create_task(node.run())
         async with asyncio.timeout(120):
-            while node.state != "done" or node.accuracy is None or len(node.history) < 2:
+            while node.state != "done" or node.executor.accuracy is None or len(node.executor.history) < 2:
                 t0 = loop.time()
                 await asyncio.sleep(0.01)
                 pings.append(loop.time() - t0)
@@ -48,5 +48,5 @@ def test_real_training_never_blocks_the_event_loop(tmp_path, caplog):
         asyncio.run(main(), debug=True)
     slow = [r.getMessage() for r in caplog.records if "Executing" in r.getMessage()]
     assert not slow, slow
-    assert node.history[-1].train_seconds > threshold  # the work was real and long
+    assert node.executor.history[-1].train_seconds > threshold  # the work was real and long
     assert len(pings) > 50  # the loop kept serving timers all along
