@@ -148,6 +148,12 @@ class PeerTable:
     def refuse(self, key: bytes, reason: str, now: float) -> None:
         """What ``key`` signed failed a check (node.peers.checks): a strike, reported
         through ``on_strike``; the one that cuts it off also queues its link's closing."""
+        st = self.known.get(key)
+        if st is None or not (st.trusted or st.banned):
+            # A signer nobody trusts (a model relayed by a member): refused, but no
+            # record is made for it, so fresh keys cannot grow the table of cut-off keys.
+            self.on_strike(key, reason, False)
+            return
         cut = self.strike(key, reason, now)
         if cut:
             self._drops.append(key)

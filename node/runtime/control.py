@@ -38,6 +38,8 @@ RUNTIME_KEYS = frozenset({"round_timeout", "min_peers", "local_epochs", "lr", "b
                           "fanout", "log_level"})
 #: Learner attributes that a config key of the same name sets.
 _LEARNER_KEYS = ("local_epochs", "lr", "batch_size")
+#: Members whose first refusal was logged (the set starts over beyond this many).
+MAX_WARNED = 1024
 #: Events kept in memory while the database refuses them (disk full): the oldest go first.
 MAX_PENDING_EVENTS = 10_000
 
@@ -78,6 +80,8 @@ class NodeEvents:
             self.hub.publish("peer_left", {"node_id": who})
             return
         if who not in self._warned:
+            if len(self._warned) >= MAX_WARNED:
+                self._warned.clear()  # bounded: some member may be warned about twice
             self._warned.add(who)
             log.warning("refused what %s sent: %s", who, reason)
         self.note("member_refused", f"{who}: {reason}")

@@ -70,3 +70,19 @@ def test_a_thousand_distinct_reasons_make_a_handful_of_keys():
     assert set(counters.rejected_reasons) <= set(REJECT_KINDS)
     assert len(counters.recent_rejections) == 20
     assert counters.recent_rejections[-1]["reason"].startswith("stale sequence number 999")
+
+
+def test_refusing_what_unknown_keys_signed_makes_no_records():
+    """A member can relay models signed by fresh keys: they are refused and reported,
+    but no record (and no cut-off entry) is kept for keys nobody trusts."""
+    peers = table()
+    reported = []
+    peers.on_strike = lambda key, reason, cut: reported.append(cut)
+    for i in range(1000):
+        peers.refuse(key(i), "model: tensor 'w' holds NaN or infinite values", now=1.0)
+        peers.refuse(key(i), "model: tensor 'w' holds NaN or infinite values", now=2.0)
+    assert peers.known == {} and len(reported) == 2000 and not any(reported)
+    peers.stats(key(5000)).trusted = True
+    peers.refuse(key(5000), "bad", now=3.0)
+    peers.refuse(key(5000), "bad", now=4.0)
+    assert peers.banned(key(5000)) and reported[-2:] == [False, True]
