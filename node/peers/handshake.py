@@ -44,7 +44,7 @@ class Handshake:
             genesis=core.machine.genesis_digest, round=core.machine.completed, proof=proof,
         ))
 
-    def accept(self, frame: bytes, our_nonce: bytes | None) -> tuple[Envelope, Hello]:
+    def accept(self, frame: bytes | bytearray, our_nonce: bytes | None) -> tuple[Envelope, Hello]:
         """Check a peer's hello; when we challenged it, it must echo ``our_nonce``."""
         env = self.core.decode(frame)
         self.core.check_fresh(env)

@@ -15,24 +15,28 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import cast
 
 import aiohttp
 from aiohttp import WSMsgType, web
 
+from node.common.connguard import ConnectionGuard
 from node.common.health import Health
 from node.common.ratelog import RateLimitedLog
+from node.common.wsaccept import upgrade_refusal
 from node.common.wsclose import CLOSE_GRACE, AnyWebSocket, close_ws
-from node.peers.core import NodeCore
+from node.peers.core import RELAY_OVERHEAD, NodeCore
 from protocol.envelope import Envelope
 from protocol.errors import ProtocolError
 from protocol.identity import node_id_from_key
 from protocol.messages import Hello
+from protocol.pieces import HANDSHAKE_FRAME_MAX, WS_MESSAGE_MAX, Reassembler, split
 
 log = logging.getLogger(__name__)
 
 LINK_PATH = "/fl/v1/link"
-HANDSHAKE_TIMEOUT = 10.0
+#: Seconds from a link's WebSocket upgrade to the end of the signed handshake; the
+#: upgrade request itself must arrive within node.common.connguard.HEADER_TIMEOUT.
+HANDSHAKE_TIMEOUT = 5.0
 #: Frames at least this large are decoded on a worker thread.
 THREAD_DECODE_MIN = 1 << 20
 #: A link is cut after this many rejected frames.
@@ -50,13 +54,16 @@ class Link:
     outbox: asyncio.Queue[bytes | bytearray] = field(default_factory=lambda: asyncio.Queue(256))
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     rejects: int = 0
+    #: Joins the pieces of incoming frames (protocol.pieces); the full cap, as the link
+    #: is admitted.
+    pieces: Reassembler = field(default_factory=lambda: Reassembler(0))
 
     @property
     def node_id(self) -> str:
         return node_id_from_key(self.key)
 
 
-FrameHandler = Callable[[Link, Envelope, bytes], Awaitable[None]]
+FrameHandler = Callable[[Link, Envelope, bytes | bytearray], Awaitable[None]]
 
 
 class PeerTransport:
@@ -91,6 +98,10 @@ class PeerTransport:
         self.rejected_log = RateLimitedLog(log, what="rejected messages")
         #: Seconds without any frame after which a link is considered dead.
         self.idle_timeout = 10.0
+        #: Closes connections to the peer port that are not admitted links in time
+        #: (node.common.connguard); the node attaches it to the server's runner.
+        self.guard = ConnectionGuard()
+        self.settle = self.guard.settle
 
     # -- server -----------------------------------------------------------------------
 
@@ -101,22 +112,26 @@ class PeerTransport:
         return app
 
     async def _accept(self, request: web.Request) -> web.StreamResponse:
-        # The websocket limit sits a little above our own cap so that our decoder, not
-        # aiohttp, reports most oversize frames (with a reason in the log). No aiohttp
-        # heartbeat: our heartbeats and the idle timeout watch a link, and aiohttp's timer
-        # kept every closed socket (and its buffers) alive for 20 s, which a flood of
-        # handshakes turned into memory (11 KB each; issue 12).
-        ws = web.WebSocketResponse(max_msg_size=self.core.max_message_size + 4096,
-                                   compress=False)
+        # Every WebSocket message is one piece (protocol.pieces): at most 64 KiB, so a
+        # header claiming more is refused by aiohttp at once; the frame cap is the
+        # reassembler's, a few KiB until the handshake is done. No aiohttp heartbeat: our
+        # heartbeats and the idle timeout watch a link, and aiohttp's timer kept every
+        # closed socket (and its buffers) alive for 20 s, which a flood of handshakes
+        # turned into memory (11 KB each; issue 12).
+        refusal = upgrade_refusal(request)
+        if refusal is not None:
+            return refusal
+        ws = web.WebSocketResponse(max_msg_size=WS_MESSAGE_MAX + 1, compress=False)
         await ws.prepare(request)
         peer_ip = request.remote or "?"
+        pieces = Reassembler(HANDSHAKE_FRAME_MAX)
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                first = await self._receive_frame(ws)
+                first = await self._receive_frame(ws, pieces)
                 env, hello = self.core.handshake.accept(first, None)
                 our_nonce = self.core.handshake.new_nonce()
-                await ws.send_bytes(_wire(self.core.handshake.hello(our_nonce, echo=hello.nonce)))
-                third = await self._receive_frame(ws)
+                await _send(ws, self.core.handshake.hello(our_nonce, echo=hello.nonce))
+                third = await self._receive_frame(ws, pieces)
                 env3, hello3 = self.core.handshake.accept(third, our_nonce)
                 if env3.sender != env.sender:
                     raise ProtocolError("handshake answered by another key")
@@ -132,9 +147,16 @@ class PeerTransport:
             self._untrusted(env.sender, hello3, address)
             await close_ws(ws)
             return ws
-        link = Link(key=env.sender, dialer=env.sender, address=address, ws=ws)
+        self.settle(request)
+        link = Link(key=env.sender, dialer=env.sender, address=address, ws=ws,
+                    pieces=self._link_pieces())
         await self._run_link(link, hello3, trust)
         return ws
+
+    def _link_pieces(self) -> Reassembler:
+        """The reassembler of an admitted link: the full cap (a relay may wrap a frame
+        of up to the cap, hence the overhead; node.peers.core.decode)."""
+        return Reassembler(self.core.max_message_size + RELAY_OVERHEAD)
 
     def _untrusted(self, key: bytes, hello: Hello, address: str) -> None:
         self.untrusted_log.info(address.rsplit(":", 1)[0], "peer %s (%s) at %s is not"
@@ -191,20 +213,21 @@ class PeerTransport:
             self._session = aiohttp.ClientSession()
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
             ws = await self._session.ws_connect(
-                f"http://{address}{LINK_PATH}", max_msg_size=self.core.max_message_size + 4096,
+                f"http://{address}{LINK_PATH}", max_msg_size=WS_MESSAGE_MAX + 1,
                 heartbeat=20, compress=0, autoping=True,
             )
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 our_nonce = self.core.handshake.new_nonce()
-                await ws.send_bytes(_wire(self.core.handshake.hello(our_nonce)))
-                reply = await self._receive_frame(ws)
+                await _send(ws, self.core.handshake.hello(our_nonce))
+                reply = await self._receive_frame(ws, Reassembler(HANDSHAKE_FRAME_MAX))
                 env, hello = self.core.handshake.accept(reply, our_nonce)
                 if expected is not None and not expected(env.sender):
                     raise ProtocolError(f"{address} answered with key"
                                         f" {node_id_from_key(env.sender)}, not the expected"
                                         " one: dropped as an impostor")
-                await ws.send_bytes(_wire(self.core.handshake.hello(self.core.handshake.new_nonce(), echo=hello.nonce)))
+                await _send(ws, self.core.handshake.hello(self.core.handshake.new_nonce(),
+                                                          echo=hello.nonce))
         except BaseException:
             await close_ws(ws)
             raise
@@ -214,20 +237,27 @@ class PeerTransport:
             self._untrusted(env.sender, hello, address)
             await close_ws(ws)
             return False
-        link = Link(key=env.sender, dialer=self.core.key, address=address, ws=ws)
+        link = Link(key=env.sender, dialer=self.core.key, address=address, ws=ws,
+                    pieces=self._link_pieces())
         await self._run_link(link, hello, trust)
         return True
 
     @staticmethod
-    async def _receive_frame(ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> bytes:
-        msg = await ws.receive()
-        if msg.type == WSMsgType.BINARY:
-            return msg.data
-        if msg.type == WSMsgType.TEXT:
-            raise ProtocolError("text frame on a peer link")
-        if msg.type == WSMsgType.ERROR:
-            raise ProtocolError(f"websocket error ({msg.data})")
-        raise ConnectionError("link closed during handshake")
+    async def _receive_frame(ws: AnyWebSocket, pieces: Reassembler) -> bytearray:
+        """The next whole frame of the handshake (ProtocolError if the peer sends
+        anything else, ConnectionError if it closes)."""
+        while True:
+            msg = await ws.receive()
+            if msg.type == WSMsgType.BINARY:
+                frame = pieces.feed(msg.data)
+                if frame is not None:
+                    return frame
+                continue
+            if msg.type == WSMsgType.TEXT:
+                raise ProtocolError("text frame on a peer link")
+            if msg.type == WSMsgType.ERROR:
+                raise ProtocolError(f"websocket error ({msg.data})")
+            raise ConnectionError("link closed during handshake")
 
     # -- links ------------------------------------------------------------------------
 
@@ -305,29 +335,44 @@ class PeerTransport:
             if msg.type == WSMsgType.ERROR:
                 log.warning("link %s: %s", link.node_id, msg.data)
                 return
-            try:
-                if msg.type != WSMsgType.BINARY:
-                    raise ProtocolError(f"unexpected websocket frame type {msg.type.name}")
-                frame = msg.data
-                if len(frame) >= THREAD_DECODE_MIN:
-                    env = await asyncio.to_thread(self.core.decode, frame)
-                else:
-                    env = self.core.decode(frame)
-                await self.on_frame(link, env, frame)
-            except ProtocolError as exc:
-                link.rejects += 1
-                self.core.reject(link.key, exc.reason)
-                self.rejected_log.warning(link.node_id, "rejected message from %s: %s",
-                                          link.node_id, exc.reason)
-                if link.rejects >= MAX_REJECTS_PER_LINK:
-                    log.warning("cutting link to %s: too many bad messages", link.node_id)
-                    return
+            if msg.type != WSMsgType.BINARY:
+                self._reject(link, f"unexpected websocket frame type {msg.type.name}")
+            else:
+                try:
+                    frame = link.pieces.feed(msg.data)
+                except ProtocolError as exc:
+                    self._reject(link, exc.reason)
+                    log.warning("cutting link to %s: its pieces cannot be joined",
+                                link.node_id)
+                    return  # the framing is lost: nothing after this piece can be read
+                if frame is not None:
+                    await self._handle(link, frame)
+            if link.rejects >= MAX_REJECTS_PER_LINK:
+                log.warning("cutting link to %s: too many bad messages", link.node_id)
+                return
+
+    async def _handle(self, link: Link, frame: bytearray) -> None:
+        """Decode one frame and hand it on (or count it against the link)."""
+        try:
+            if len(frame) >= THREAD_DECODE_MIN:
+                env = await asyncio.to_thread(self.core.decode, frame)
+            else:
+                env = self.core.decode(frame)
+            await self.on_frame(link, env, frame)
+        except ProtocolError as exc:
+            self._reject(link, exc.reason)
+
+    def _reject(self, link: Link, reason: str) -> None:
+        link.rejects += 1
+        self.core.reject(link.key, reason)
+        self.rejected_log.warning(link.node_id, "rejected message from %s: %s",
+                                  link.node_id, reason)
 
     async def _writer(self, link: Link) -> None:
         try:
             while True:
                 frame = await link.outbox.get()
-                await link.ws.send_bytes(_wire(frame))
+                await _send(link.ws, frame)
                 self.core.counters.bytes_sent += len(frame)
                 self.core.counters.messages_sent += 1
         except (ConnectionError, aiohttp.ClientError) as exc:
@@ -368,10 +413,10 @@ class PeerTransport:
             self._session = None
 
 
-def _wire(frame: bytes | bytearray) -> bytes:
-    """``frame`` for aiohttp's ``send_bytes``, without a copy: it writes any bytes-like
-    object (its annotation says ``bytes``), and frames are signed into bytearrays."""
-    return cast(bytes, frame)
+async def _send(ws: AnyWebSocket, frame: bytes | bytearray) -> None:
+    """Send ``frame`` as its pieces (protocol.pieces), in order."""
+    for piece in split(frame):
+        await ws.send_bytes(piece)
 
 
 def now() -> float:

@@ -28,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from node.common.connguard import ConnectionGuard, server_options
 from node.common.endpoint import ENDPOINT_FILE, advertised_addresses, write_endpoint
 from node.common.health import Health, describe
 from node.common.wsclose import close_ws
@@ -102,6 +103,9 @@ class Node:
                                        on_link_up=self._on_link_up,
                                        on_link_down=self._on_link_down, health=health)
         self.transport.idle_timeout = max(10.0, 5 * config.heartbeat_interval)
+        #: Closes web connections whose request headers do not come in time
+        #: (node.common.connguard); the peer port's guard is the transport's.
+        self.web_guard = ConnectionGuard()
         self._work = asyncio.Event()
         self._ckpt_wanted = asyncio.Event()
         self._timer_changed = asyncio.Event()
@@ -183,10 +187,15 @@ class Node:
             return await handle_pair_request(self, request)
 
         peer_app.router.add_post(PAIR_PATH, pair)
-        peer_runner = web.AppRunner(peer_app, handle_signals=False)
-        web_runner = web.AppRunner(self._web_app(), handle_signals=False)
+        web_app = self._web_app()
+        # Settle a web connection first thing, whatever the other middlewares answer.
+        web_app.middlewares.insert(0, self.web_guard.middleware)
+        peer_runner = web.AppRunner(peer_app, handle_signals=False, **server_options())
+        web_runner = web.AppRunner(web_app, handle_signals=False, **server_options())
         await peer_runner.setup()
         await web_runner.setup()
+        self.transport.guard.runner = peer_runner
+        self.web_guard.runner = web_runner
         try:
             await self._bind(peer_runner, web_runner)
             async with asyncio.TaskGroup() as tg:
@@ -198,6 +207,8 @@ class Node:
                 self._supervise(tg, "timer", self._timer, critical=True)
                 self._supervise(tg, "heartbeats", self._heartbeats)
                 self._supervise(tg, "announcements", self._announcements)
+                self._supervise(tg, "peer port guard", self.transport.guard.run)
+                self._supervise(tg, "web port guard", self.web_guard.run)
                 if self.config.mdns:
                     self._supervise(tg, "discovery", self._discovery)
                 self.machine.start(now())
@@ -389,7 +400,7 @@ class Node:
 
         return build_web_app(self)
 
-    async def _on_frame(self, link: Link, env: Envelope, frame: bytes) -> None:
+    async def _on_frame(self, link: Link, env: Envelope, frame: bytes | bytearray) -> None:
         self.core.dispatch(link.key, env, frame, now())
         msg = env.message
         if isinstance(msg, Heartbeat) and msg.echo_ts == 0:

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 
+from node.common.wsaccept import upgrade_refusal
 from node.common.wsclose import close_ws
 from node.web.hostguard import host_origin_guard
 from node.web.httputil import UNAUTHORIZED, bearer_ok, error, json_object, parse_json, unknown_keys
@@ -281,8 +282,11 @@ class _Dashboard:
 
     # -- the WebSocket
 
-    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
         """GET /ws: authenticate, say hello, then stream events and status updates."""
+        refusal = upgrade_refusal(request)
+        if refusal is not None:
+            return refusal
         ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=4096)
         await ws.prepare(request)
         self.sockets.add(ws)

@@ -15,6 +15,7 @@ from protocol.envelope import DOMAIN, encode
 from protocol.gossip import federation_key, federation_proof
 from protocol.identity import Identity
 from protocol.messages import Heartbeat, Hello, Update
+from protocol.pieces import split
 from protocol.tensors import Tensor
 
 from .cluster import Cluster
@@ -23,6 +24,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 CAP = 200_000
 SECRET = "e2e test federation secret"  # a member gone rogue knows it
+
+
+class Raw(bytes):
+    """One WebSocket message sent as it is, not split into pieces."""
 
 
 def now_ms() -> int:
@@ -67,20 +72,28 @@ class Attacker:
             async with s.ws_connect(f"http://127.0.0.1:{self.port}/fl/v1/link") as ws:
                 if handshake:
                     nonce = b"n" * 16
-                    await ws.send_bytes(self.frame(Hello("mallory", nonce, b"", 1, self.genesis, 0)))
+                    await send(ws, self.frame(Hello("mallory", nonce, b"", 1, self.genesis, 0)))
                     reply = await ws.receive()
                     assert reply.type == aiohttp.WSMsgType.BINARY, reply
-                    their_nonce = msgpack.unpackb(msgpack.unpackb(reply.data)[0])["body"]["nonce"]
+                    assert reply.data[0] == 0x01, "a hello is one piece"
+                    their_nonce = msgpack.unpackb(msgpack.unpackb(reply.data[1:])[0])["body"]["nonce"]
                     proof = federation_proof(federation_key(self.secret, "default"), "default",
                                              self.ident.public_key, their_nonce)
-                    await ws.send_bytes(self.frame(Hello("mallory", b"m" * 16, their_nonce, 1,
-                                                         self.genesis, 0, proof)))
+                    await send(ws, self.frame(Hello("mallory", b"m" * 16, their_nonce, 1,
+                                                    self.genesis, 0, proof)))
                 for f in frames(self):
                     if isinstance(f, str):
                         await ws.send_str(f)
-                    else:
+                    elif isinstance(f, Raw):
                         await ws.send_bytes(f)
+                    else:
+                        await send(ws, f)
                 await asyncio.sleep(0.3)
+
+
+async def send(ws: aiohttp.ClientWebSocketResponse, frame: bytes) -> None:
+    for piece in split(frame):
+        await ws.send_bytes(piece)
 
 
 def _heartbeat(a: Attacker) -> bytes:
@@ -148,6 +161,8 @@ CASES = {
         a.ident, a.next_seq(), "heartbeat", {"round": 0, "state": "x", "ping_ts": 1,
                                             "echo_ts": 0}, fed="other"))], "is not ours"),
     "text_frame": (lambda a: ["hello?"], "unexpected websocket frame type TEXT"),
+    "unsplit_frame": (lambda a: [Raw(_heartbeat(a))], "bad piece flag 0x92 (a whole frame"),
+    "short_piece": (lambda a: [Raw(b"\x00" + _heartbeat(a))], "must be full"),
 }
 
 
@@ -162,7 +177,7 @@ def test_bad_input_is_rejected_with_a_reason_and_training_goes_on(tmp_path):
         async def attack() -> None:
             # garbage instead of a handshake
             await Attacker(node.endpoint["peer_port"], genesis).session(
-                lambda a: [b"\xc1garbage"], handshake=False)
+                lambda a: [Raw(b"\xc1garbage")], handshake=False)
             for frames, _ in CASES.values():
                 await Attacker(node.endpoint["peer_port"], genesis).session(frames)
             # a stranger without the secret completes the handshake but is not admitted

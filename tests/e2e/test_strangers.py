@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import aiohttp
@@ -19,13 +20,15 @@ from node.peers.peerstats import REJECT_KINDS
 from protocol.envelope import encode
 from protocol.identity import Identity
 from protocol.messages import Hello
+from protocol.pieces import split
 
 from .cluster import Cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 STRANGERS = 2000
-BATCH = 25
+#: Concurrent handshakes, within the node's limit of pending connections per address.
+BATCH = 12
 
 
 async def knock(port: int, genesis: bytes, federation: str) -> None:
@@ -34,7 +37,8 @@ async def knock(port: int, genesis: bytes, federation: str) -> None:
     ts = time.time_ns() // 1_000_000
 
     def frame(seq: int, message: Hello) -> bytes:
-        return bytes(encode(ident, message, seq=seq, ts_ms=ts, federation=federation))
+        [piece] = split(encode(ident, message, seq=seq, ts_ms=ts, federation=federation))
+        return piece
 
     async with aiohttp.ClientSession() as s:
         async with s.ws_connect(f"http://127.0.0.1:{port}/fl/v1/link") as ws:
@@ -42,7 +46,7 @@ async def knock(port: int, genesis: bytes, federation: str) -> None:
             reply = await ws.receive()
             if reply.type != aiohttp.WSMsgType.BINARY:
                 return  # refused at the first hello (another federation)
-            nonce = msgpack.unpackb(msgpack.unpackb(reply.data)[0])["body"]["nonce"]
+            nonce = msgpack.unpackb(msgpack.unpackb(reply.data[1:])[0])["body"]["nonce"]
             await ws.send_bytes(frame(2, Hello("stranger", b"m" * 16, nonce, 1, genesis, 0)))
             await ws.receive()  # closed: not trusted
 
@@ -77,3 +81,51 @@ def test_thousands_of_strangers_leave_the_node_small(tmp_path):
     assert reasons.get("federation", 0) >= STRANGERS  # both rounds' other federations
     assert len(status["traffic"]["recent_rejections"]) <= 20
     assert grown < 10 * 1024 * 1024, f"RSS grew by {grown / 1e6:.1f} MB"
+
+
+def _open_sockets(port: int, count: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.setblocking(False)
+        socks.append(s)
+    return socks
+
+
+def _is_closed(s: socket.socket) -> bool:
+    """Whether the node closed ``s`` (end of stream or a reset), without blocking."""
+    try:
+        return s.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionError:
+        return True
+
+
+def test_idle_connections_are_closed_and_rounds_go_on(tmp_path):
+    with Cluster(tmp_path) as cluster:
+        common = ("--dataset", "digits", "--rounds", "1000", "--local-epochs", "1",
+                  "--min-peers", "1")
+        a = cluster.start("a", *common)
+        b = cluster.start("b", *common, peers=[a])
+        cluster.wait(lambda: a.status()["round"] >= 2, 120, "first rounds")
+        socks = (_open_sockets(a.endpoint["peer_port"], 300)
+                 + _open_sockets(a.web_port, 100))
+        try:
+            round_before = a.status()["round"]
+            started = time.monotonic()
+            open_ = socks
+            while open_ and time.monotonic() - started < 30:
+                time.sleep(0.5)
+                open_ = [s for s in open_ if not _is_closed(s)]
+            took = time.monotonic() - started
+            status = a.status()
+        finally:
+            for s in socks:
+                s.close()
+        cluster.wait(lambda: a.status()["round"] >= status["round"] + 2, 60,
+                     "rounds after the flood")
+        linked = [p for p in b.status()["peers"] if p["state"] == "connected"]
+    assert not open_, f"{len(open_)} of 400 idle connections still open after {took:.0f} s"
+    assert status["round"] > round_before, "no round completed while the sockets were open"
+    assert len(linked) == 1
