@@ -126,6 +126,8 @@ def test_idle_connections_are_closed_and_rounds_go_on(tmp_path):
         cluster.wait(lambda: a.status()["round"] >= status["round"] + 2, 60,
                      "rounds after the flood")
         linked = [p for p in b.status()["peers"] if p["state"] == "connected"]
+    print(f"400 idle connections closed in {took:.1f} s; rounds {round_before} ->"
+          f" {status['round']} meanwhile")
     assert not open_, f"{len(open_)} of 400 idle connections still open after {took:.0f} s"
     assert status["round"] > round_before, "no round completed while the sockets were open"
     assert len(linked) == 1
