@@ -280,9 +280,13 @@ def test_three_containers_train_survive_faults_and_resume(federation: Federation
 
     # 1. up: discovery by mDNS, admission by the secret, health, rounds 1-3 agreed.
     fed.compose("up", "--detach", "--no-build")
+    # mDNS answers can come after the links (a peer that found us first dials us), so
+    # the wait includes every peer having been found by discovery too.
     fed.wait(lambda: all(fed.inspect(c)["State"]["Health"]["Status"] == "healthy"
-                         and s["round"] >= 3 for c, s in fed.statuses().items()),
-             240, "3 healthy containers with 3 rounds")
+                         and s["round"] >= 3 and len(s["peers"]) == 2
+                         and all(p["discovered"] for p in s["peers"])
+                         for c, s in fed.statuses().items()),
+             240, "3 healthy containers with 3 rounds, each having discovered the others")
     _TIMINGS["1 up to round 3"] = time.monotonic() - start
     first = fed.statuses()
     ids = {c: s["node_id"] for c, s in first.items()}
