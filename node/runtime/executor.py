@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import threading
-from collections.abc import Callable, Generator, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Generator
 from typing import Any, assert_never
 
 import numpy as np
@@ -44,6 +42,7 @@ from node.runtime.jobs import (
 from node.runtime.learner import Learner, Weights
 from node.runtime.records import RoundRecord
 from node.runtime.restore import CheckpointSource, Restored, restore
+from node.runtime.values import Decoded, check_trained, l2_norm
 from protocol.errors import ProtocolError
 from protocol.identity import node_id_from_key
 from protocol.messages import Delta, Share, Update
@@ -68,24 +67,6 @@ log = logging.getLogger(__name__)
 THREAD_ENCODE_MIN_PARAMS = 256 * 1024
 #: Notes logged as warnings (the rest at INFO).
 _WARNING_NOTES = frozenset({"aggregator_failed", "model_conflict"})
-
-
-@dataclass
-class Decoded:
-    """A round's updates as dense weights with example counts, and those refused (why)."""
-
-    updates: dict[bytes, tuple[Weights, int]]
-    refused: dict[bytes, str]
-
-
-def _l2(arrays: Iterable[np.ndarray]) -> float:
-    """The L2 norm of all floating-point ``arrays`` together (float64)."""
-    total = 0.0
-    for a in arrays:
-        if a.dtype.kind == "f":
-            flat = a.ravel().astype(np.float64)
-            total += float(np.dot(flat, flat))
-    return math.sqrt(total)
 
 
 class Executor:
@@ -241,12 +222,23 @@ class Executor:
         self.stop_training.clear()
         result = yield Blocking("train", self.learner.train, (self.weights, action.round,
                                                               self.stop_training))
-        self._stats_of(action.round)["train_seconds"] = result.seconds
         what = (f"offline step {m.offline_steps + 1} (round {action.round})"
                 if action.offline else f"round {action.round}")
+        if self.stop_training.is_set():
+            # Cut short (a model came, a stop, a shutdown): a partial result, maybe of no
+            # batch at all (loss 0/0 = NaN), is nobody's update. A round started again
+            # meanwhile (stop, then start) has its own training queued.
+            log.info("%s: training cut short after %.2f s; its result is dropped", what,
+                     result.seconds)
+            return
+        self._stats_of(action.round)["train_seconds"] = result.seconds
+        tensors = to_tensors(result.weights)
+        # What peers would refuse (section 12 of docs/protocol.md) never leaves this
+        # node: a diverged training is a failed one (the failure policy stops training).
+        yield Blocking("encode", check_trained, (tensors, result.loss, what))
         log.info("%s: trained on %d examples in %.2f s (loss %.4f)", what,
                  result.num_examples, result.seconds, result.loss)
-        m.training_done(action.round, to_tensors(result.weights), result.num_examples,
+        m.training_done(action.round, tensors, result.num_examples,
                         float(result.loss), float(result.seconds), self.now())
 
     def _send_update(self, action: SendUpdate) -> Job:
@@ -360,7 +352,7 @@ class Executor:
                      weights=to_tensors(payload))
 
     def _change_limit(self) -> float:
-        return self.update_norm_bound * max(1.0, _l2(self._global_model().values()))
+        return self.update_norm_bound * max(1.0, l2_norm(self._global_model().values()))
 
     def _bounded(self, received: dict[bytes, Update | Delta]) -> Decoded:
         """Decode the round's updates, refusing any whose change from the global model
@@ -375,7 +367,7 @@ class Executor:
             except (ValueError, ProtocolError) as exc:
                 out.refused[key] = str(getattr(exc, "reason", exc))[:200]
                 continue
-            change = _l2(weights[k] - v for k, v in model.items())
+            change = l2_norm(weights[k] - v for k, v in model.items())
             if not change <= limit:  # NaN fails too
                 out.refused[key] = (f"update: its change has L2 norm {change:.3g}, over the"
                                     f" bound {limit:.3g} (--update-norm-bound)")

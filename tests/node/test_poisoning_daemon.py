@@ -5,29 +5,45 @@ on one finite model (node.peers.checks)."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import numpy as np
 
+from node.common.weights import from_tensors, to_tensors
 from node.config import NodeConfig
 from node.runtime.build import build_node
 from node.runtime.supervisor import Node
 
-from .fakes import FakeLearner, Trained
+from .fakes import FakeLearner
 from .test_daemon_inprocess import _wait, running
 
 ROUNDS = 10
 
 
 class PoisonLearner(FakeLearner):
-    """Trains and aggregates honestly, then hands over NaN weights."""
+    """Aggregates honestly, then hands over NaN weights; trains from a clean model after
+    committing its own NaN one (else its executor would stop it: a diverged training is a
+    failed one)."""
 
     def train(self, weights, round_number, stop=None):
-        out = super().train(weights, round_number, stop)
-        return Trained({k: np.full_like(v, np.nan) for k, v in out.weights.items()},
-                       out.num_examples, out.loss, out.seconds)
+        clean = {k: v if np.isfinite(v).all() else np.zeros_like(v) for k, v in weights.items()}
+        return super().train(clean, round_number, stop)
 
     def aggregate(self, base, updates):
         return {k: np.full_like(v, np.nan) for k, v in super().aggregate(base, updates).items()}
+
+
+def send_nan_updates(node: Node) -> None:
+    """Make ``node`` send NaN updates: its update is replaced as it is encoded, after its
+    executor checked what it trained (which keeps an honest node's NaN at home)."""
+    honest = node.executor._compressed
+
+    def encode(update):
+        out = honest(update)
+        nan = {k: np.full_like(v, np.nan) for k, v in from_tensors(out.weights).items()}
+        return replace(out, weights=to_tensors(nan))
+
+    node.executor._compressed = encode  # type: ignore[method-assign]
 
 
 def member(tmp_path, i: int, peers: list[Node], learner: FakeLearner) -> Node:
@@ -47,6 +63,8 @@ async def test_a_member_sending_nan_is_refused_cut_off_and_the_others_finish(
         for i in range(4):  # each dials the ones already running
             learner = PoisonLearner(0, delay=0.02) if i == 0 else FakeLearner(i, delay=0.02)
             nodes.append(member(tmp_path, i, nodes[:], learner))
+            if i == 0:
+                send_nan_updates(nodes[0])
             await stack.enter_async_context(running(nodes[-1:]))
         bad, honest = nodes[0], nodes[1:]
         await _wait(lambda: all(n.machine.completed >= ROUNDS for n in honest), 120)

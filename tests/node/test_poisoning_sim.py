@@ -5,10 +5,12 @@ of the federation finishes on one finite model. In memory, through the shared ex
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from node.common.weights import to_tensors
+from node.common.weights import from_tensors, to_tensors
 from node.runtime.sim import SimNode, Simulation
 from protocol.messages import Model
 from protocol.tensors import weights_digest
@@ -17,10 +19,12 @@ ROUNDS = 12
 
 
 def poison(node: SimNode, how: str) -> None:
-    """Make ``node`` train and aggregate poison (its own checks cannot save it: its
-    aggregate is replaced after them)."""
-    learner = node.learner
+    """Make ``node`` send poisoned updates and aggregate poison (its own checks cannot
+    save it: its update is replaced as it is encoded, after the executor checked what it
+    trained, and its aggregate after the aggregation's checks)."""
+    learner, executor = node.learner, node.executor
     honest_train, honest_average = learner.train, learner.average
+    honest_encode = executor._compressed
 
     def bad(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if how == "nan":
@@ -29,11 +33,18 @@ def poison(node: SimNode, how: str) -> None:
             return {k: np.full_like(v, np.inf) for k, v in weights.items()}
         return {k: (v + 1e6).astype(np.float32) for k, v in weights.items()}  # huge, finite
 
-    def train(weights, round_number, stop=None):
-        result = honest_train(weights, round_number, stop)
-        return type(result)(bad(result.weights), result.num_examples, result.loss,
-                            result.seconds)
+    def encode(update):
+        out = honest_encode(update)
+        return replace(out, weights=to_tensors(bad(from_tensors(out.weights))))
 
+    def train(weights, round_number, stop=None):
+        # It keeps training from a clean model after committing its own poison (else its
+        # executor would stop it: a diverged training is a failed one).
+        clean = {k: v if np.isfinite(v).all() and np.abs(v).max() < 1e3 else np.zeros_like(v)
+                 for k, v in weights.items()}
+        return honest_train(clean, round_number, stop)
+
+    executor._compressed = encode  # type: ignore[method-assign]
     learner.train = train  # type: ignore[method-assign]
     learner.aggregate = lambda base, updates: bad(honest_average(updates))  # type: ignore[method-assign]
 
