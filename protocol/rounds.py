@@ -11,14 +11,21 @@ Rules (docs/protocol.md, "Rounds" is the normative text):
 * Round ``r`` starts from the global model of round ``r-1`` (round 0 is the genesis model,
   identical on every member because it is built from the shared seed).
 * Each member trains locally, then sends its ``Update`` to the aggregator of ``r``: the
-  highest-ranked live member (``election.ranking``) not excluded in this round.
-* The aggregator collects updates from every live, participating member, or until the
-  collect deadline, aggregates and publishes the ``Model`` of ``r``.
+  highest-ranked (``election.ranking``) contributor of the model of ``r-1`` that takes
+  part and is not excluded in this round (every member holds that model, so members
+  agree whatever they know of a newcomer); the participants if no contributor is left.
+* The aggregator collects updates from every participant (the members that took part
+  when it started the round and hold its base model; not one that arrived since), or
+  until the collect deadline, aggregates and publishes the ``Model`` of ``r``.
+* Joining: a node sits a round out (``JOINING``, reported at once) when a member has
+  completed it already (its model will come), or when a contributor of its model that
+  it has never seen outranks those it sees (it cannot know whom the others elect); the
+  round's model, or the model deadline, ends that.
 * A member waiting for the model excludes the aggregator when it goes down or when the
   model deadline passes, re-elects and re-sends its update to the new aggregator.
 * A node applies at most one model per round, and only rounds above its own; a model for a
   later round lets a node that fell behind jump ahead (catch-up).
-* Quorum: an elected round needs ``quorum`` participating members (this node included).
+* Quorum: an elected round needs ``quorum`` live members (this node included).
   An aggregator publishes only with updates from a quorum and while it still sees a
   quorum; at its collect deadline without one it steps down (excludes itself) and hands
   its update to the next in the ranking. A node below quorum does not accept a model for
@@ -63,6 +70,7 @@ from .actions import (
 )
 from .deadlines import Deadlines, RoundTimeouts
 from .errors import ProtocolError
+from .identity import node_id_from_key
 from .messages import Delta, Model, Share, Update
 from .phases import TRANSITIONS, IllegalTransition, Phase
 from .roundstate import NON_PARTICIPATING, NOT_PUBLISHING, PeerView, RoundState
@@ -109,6 +117,7 @@ class RoundMachine(RoundState):
     def peer_up(self, key: bytes, now: float, *, round: int = 0, state: str = "unknown") -> None:
         """A member's link is up (after its handshake)."""
         self._peers[key] = PeerView(round=round, state=state)
+        self._seen.add(key)
         if (self._started and self.phase is Phase.WAITING_START
                 and len(self.peers) >= self._wait_peers):
             self._begin_round(now)
@@ -124,6 +133,7 @@ class RoundMachine(RoundState):
             # publish nothing this round, so do not wait out the model deadline.
             self._aggregator_failed(now, f"is {state}")
             return
+        self._rejoin_if_needed(now)
         self._check_collect(now)
 
     def peer_down(self, key: bytes, now: float) -> None:
@@ -139,6 +149,7 @@ class RoundMachine(RoundState):
         if key == self.aggregator and self.phase is Phase.WAITING_MODEL:
             self._aggregator_failed(now, "went down")
         else:
+            self._rejoin_if_needed(now)
             self._check_collect(now)
 
     def on_update(self, sender: bytes, update: Update | Delta, now: float) -> None:
@@ -188,14 +199,14 @@ class RoundMachine(RoundState):
         if weights_digest(model.weights) != model.digest:
             raise ProtocolError("model: digest does not match its weights")
         settled = {k for k, v in self.peers.items() if v.round >= model.round}
-        if model.round == self.current and len(self.participants() | settled) < self.quorum:
+        if model.round == self.current and len(self.live() | settled) < self.quorum:
             # The round in progress, seen from a minority: its aggregator may have been
             # cut off from the rest, who elect another. A round that members we see have
             # finished (catch-up) is taken; this one is served again once we see a quorum.
             self._note("model_deferred", f"round {model.round}: no quorum to accept it")
             return
-        self._saw_round(sender, model.round)
         self._commit(model, sender, now)
+        self._saw_round(sender, model.round)
 
     def training_done(self, round_number: int, weights: list[Tensor], num_examples: int,
                       loss: float, seconds: float, now: float) -> None:
@@ -257,6 +268,10 @@ class RoundMachine(RoundState):
         if self.phase is Phase.WAITING_START:
             self._note("start_timeout", f"starting with {len(self.peers)} peers")
             self._begin_round(now)
+        elif self.phase is Phase.JOINING:
+            # No model came: take part with the members we see rather than wait forever.
+            self._note("join_timeout", f"round {self.current}: no model came; taking part")
+            self._begin_round(now, sit_out=False)
         elif self.phase is Phase.WAITING_MODEL:
             self._aggregator_failed(now, "published nothing by the deadline")
         elif self.phase is Phase.COLLECTING:
@@ -288,7 +303,7 @@ class RoundMachine(RoundState):
                 raise ProtocolError(f"{what}: tensor {name[:60]!r} is neither the model's nor"
                                     " strategy state")
 
-    def _begin_round(self, now: float) -> None:
+    def _begin_round(self, now: float, *, sit_out: bool = True) -> None:
         if self._paused:
             return
         if self.completed >= self.rounds_total:
@@ -303,24 +318,61 @@ class RoundMachine(RoundState):
             del self._updates[r]
         if not self.has_quorum():
             if not was_offline:
-                self._note("offline", f"{len(self.participants())} of {self.quorum} members"
+                self._note("offline", f"{len(self.live())} of {self.quorum} members"
                            " needed for a round: training and averaging with reachable peers")
             self._enter(Phase.OFFLINE)
             self._step += 1
             self._outbox.append(StartTraining(self.current, self.base_digest, offline=True))
             return
+        if sit_out and self._sit_out(now):
+            return
+        if self.phase is Phase.JOINING:
+            self._note("taking_part", f"round {self.current}: taking part")
+        self._round_members = frozenset(self.taking_part())
         if was_offline:
-            self._note("online", f"quorum again ({len(self.participants())} members):"
+            self._note("online", f"quorum again ({len(self.live())} members):"
                        f" round {self.current} merges the offline models")
         self._enter(Phase.TRAINING)
         self._outbox.append(StartTraining(self.current, self.base_digest))
+
+    def _sit_out(self, now: float) -> bool:
+        """Sit the current round out (JOINING) if taking part could stall it: a member
+        has completed it already (we wait for its model), or a contributor of our model
+        that we have never seen outranks those we see (we could elect another aggregator
+        than the rest), unless the members we see sit out too. The round's model, or the
+        model deadline, ends the wait (docs/protocol.md 9.2)."""
+        if self.behind():
+            why = f"a member completed round {self.current} already: waiting for its model"
+        elif not self._nobody_else_takes_part() and self.unseen_contributor_first():
+            why = "the best-ranked contributor of its model not seen yet"
+        else:
+            return False
+        self._enter(Phase.JOINING)
+        self._deadline = now + self.timeouts.model
+        self._note("joining", f"round {self.current}: sitting out ({why});"
+                   " taking part from the next round")
+        return True
+
+    def _nobody_else_takes_part(self) -> bool:
+        """We see a quorum of live members, but too few of them take part to hold a
+        round without us: they sit out too (all restarted at once, say)."""
+        me = {self.self_key}
+        return (len(self.live() - me) >= self.quorum
+                and len(self.taking_part() - me) < self.quorum)
+
+    def _rejoin_if_needed(self, now: float) -> None:
+        """Sitting out while the others sit out too would wait for a model nobody makes:
+        take part (unless a member holds the round's model: it will be served)."""
+        if (self.phase is Phase.JOINING and not self.behind()
+                and self._nobody_else_takes_part()):
+            self._begin_round(now, sit_out=False)
 
     def _share_and_average(self) -> None:
         assert self._my_update is not None
         mine = self._my_update
         share = Share(round=mine.round, step=self._step, base=mine.base,
                       num_examples=mine.num_examples, loss=mine.loss, weights=mine.weights)
-        reachable = tuple(sorted(k for k in self.participants() if k != self.self_key))
+        reachable = tuple(sorted(k for k in self.taking_part() if k != self.self_key))
         if reachable:
             self._outbox.append(ShareModel(reachable, share))
         models = {self.self_key: share}
@@ -335,7 +387,7 @@ class RoundMachine(RoundState):
         if not self.has_quorum():
             # Quorum lost during the round: what we trained becomes an offline step.
             if self.phase is not Phase.OFFLINE:
-                self._note("offline", f"{len(self.participants())} of {self.quorum} members"
+                self._note("offline", f"{len(self.live())} of {self.quorum} members"
                            " needed for a round: training and averaging with reachable peers")
             self._enter(Phase.OFFLINE)
             self._step += 1
@@ -375,7 +427,8 @@ class RoundMachine(RoundState):
         failed = self.aggregator
         if failed is not None:
             self._excluded.add(failed)
-            self._note("aggregator_failed", f"round {self.current}: aggregator {why}")
+            self._note("aggregator_failed", f"round {self.current}: aggregator {why}"
+                       f" ({node_id_from_key(failed)})")
         self._route_update(now)
 
     def _check_collect(self, now: float) -> None:
@@ -402,10 +455,21 @@ class RoundMachine(RoundState):
         self._local_digest = None
         self._shares = {}
         self._last_aggregator = model.aggregator
+        self._contributors = frozenset(model.contributors)
+        self._seen = (self._seen & self._contributors) | set(self._peers)
         self._outbox.append(Commit(model, source))
-        for key in list(self._peers):
-            # Everyone live received the same broadcast; assume they are with us.
-            self._saw_round(key, model.round)
+        for key, view in list(self._peers.items()):
+            # Members that took part in this round received the same broadcast: assume
+            # they are with us, and that its contributors take part in the next round (a
+            # state they reported before they completed this round is older than their
+            # update). Others (a member that arrived during the round, or is behind) must
+            # tell us themselves.
+            if view.round >= model.round:
+                continue
+            if key in self._contributors:
+                self._peers[key] = PeerView(round=model.round, state=Phase.TRAINING.value)
+            elif view.round == model.round - 1 and key in self._round_members:
+                self._peers[key] = replace(view, round=model.round)
         if self._paused:
             self._enter(Phase.STOPPED)
             return

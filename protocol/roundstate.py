@@ -8,7 +8,7 @@ run time, and answers questions about them (``current``, ``participants()``...).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 
@@ -20,8 +20,11 @@ from .messages import Delta, Share, Update
 from .phases import Phase, check_transition
 from .tensors import Tensor, weights_digest
 
-#: Peer states (reported in heartbeats) in which a member does not take part in rounds.
-NON_PARTICIPATING = frozenset({"stopped", "done"})
+#: Peer states (reported in heartbeats) in which a member does not take part in rounds:
+#: paused, finished, or sitting out the round while it joins (docs/protocol.md 9.2).
+NON_PARTICIPATING = frozenset({"stopped", "done", "joining"})
+#: Peer states of members that have left the run (a quorum does not count them).
+_LEFT = frozenset({"stopped", "done"})
 #: Peer states in which an aggregator publishes nothing in the round: those, and offline.
 NOT_PUBLISHING = NON_PARTICIPATING | {"offline"}
 
@@ -87,6 +90,15 @@ class RoundState:
         self._outbox: list[Action] = []
         self._aggregator: bytes | None = None
         self._last_aggregator: bytes | None = None
+        #: The contributors of the global model we hold (None: unknown, or genesis): the
+        #: candidates for aggregator of the next round (``elect``).
+        self._contributors: frozenset[bytes] | None = None
+        #: Every key that has been a member (pruned to the contributors at each commit):
+        #: a contributor never seen is unknown, one seen leaving is not.
+        self._seen: set[bytes] = set()
+        #: The members taking part when we started the current round: only they can be
+        #: participants of it (a member that arrives later is not waited for).
+        self._round_members: frozenset[bytes] = frozenset()
         self._excluded: set[bytes] = set()
         self._my_update: Update | None = None
         self._updates: dict[int, dict[bytes, Update | Delta]] = {}
@@ -103,11 +115,13 @@ class RoundState:
 
     # -- restoring and reconfiguring ------------------------------------------------
 
-    def resume(self, completed: int, model_digest: bytes, aggregator: bytes | None) -> None:
+    def resume(self, completed: int, model_digest: bytes, aggregator: bytes | None,
+               contributors: Iterable[bytes] | None = None) -> None:
         """Restore the last global model from a checkpoint, before ``start``: ``completed``
-        rounds are done, the model of the last one has ``model_digest`` and was published
-        by ``aggregator``. Call it before ``resume_offline`` (that model is trained from
-        this one). ValueError for an impossible checkpoint."""
+        rounds are done, the model of the last one has ``model_digest``, was published
+        by ``aggregator`` and aggregated the updates of ``contributors`` (None: unknown).
+        Call it before ``resume_offline`` (that model is trained from this one).
+        ValueError for an impossible checkpoint."""
         self._check_not_started("resume")
         if self._local_digest is not None:
             raise RuntimeError("resume: call it before resume_offline")
@@ -120,9 +134,13 @@ class RoundState:
             _check_bytes("resume: aggregator", aggregator, PUBLIC_KEY_LEN)
         if completed == 0 and (model_digest != self.genesis_digest or aggregator is not None):
             raise ValueError("resume: round 0 is the genesis model, published by nobody")
+        keys = None if contributors is None else frozenset(contributors)
+        for key in keys or ():
+            _check_bytes("resume: contributor", key, PUBLIC_KEY_LEN)
         self._completed = completed
         self._model_digest = model_digest
         self._last_aggregator = aggregator
+        self._contributors = keys
 
     def resume_offline(self, local_digest: bytes, steps: int) -> None:
         """Restore our offline model from a checkpoint, before ``start`` (and after
@@ -208,6 +226,12 @@ class RoundState:
         return self._last_aggregator
 
     @property
+    def contributors(self) -> AbstractSet[bytes] | None:
+        """Whose updates the last global model we applied aggregated (None: unknown, or
+        genesis; read-only)."""
+        return self._contributors
+
+    @property
     def local_digest(self) -> bytes | None:
         """Offline: the digest of the averaged model we hold (None: the global one)."""
         return self._local_digest
@@ -281,22 +305,65 @@ class RoundState:
         """Live members including this node."""
         return {self.self_key, *self.peers}
 
-    def participants(self) -> set[bytes]:
-        """Live members expected to send an update this round."""
-        out = {k for k, v in self.peers.items() if v.state not in NON_PARTICIPATING}
+    def live(self) -> set[bytes]:
+        """Members that have not left the run (not ``stopped`` or ``done`` by their last
+        report), and this node unless it is paused: a quorum counts these, a member
+        sitting a round out included (it is on our side of any partition)."""
+        out = {k for k, v in self.peers.items() if v.state not in _LEFT}
         if not self._paused:
             out.add(self.self_key)
         return out
 
+    def taking_part(self) -> set[bytes]:
+        """Live members that take part in rounds: not sitting the round out either
+        (``joining``)."""
+        return {k for k in self.live()
+                if k == self.self_key or self.peers[k].state not in NON_PARTICIPATING}
+
+    def participants(self) -> set[bytes]:
+        """The members expected to send an update this round (an aggregator waits for
+        them): those that took part when we started the round and still do, and hold its
+        base model, because they contributed to it or have completed its round (by their
+        reports, or because they were in that round when it ended here). A member that
+        arrives or catches up later is not waited for (its update counts if it comes in
+        time): docs/protocol.md 9.1."""
+        base = self.current - 1
+        known = self._contributors or frozenset()
+        return {k for k in self.taking_part() if k == self.self_key
+                or k in self._round_members and (k in known or self.peers[k].round >= base)}
+
     def has_quorum(self) -> bool:
-        """Whether enough members take part for an elected round."""
-        return len(self.participants()) >= self.quorum
+        """Whether enough members are live for an elected round."""
+        return len(self.live()) >= self.quorum
 
     def elect(self) -> bytes | None:
-        """The aggregator of the current round in this node's view."""
-        candidates = {k for k in self.participants() if k not in self.excluded}
+        """The aggregator of the current round in this node's view: the best-ranked
+        contributor of the model we hold that takes part and is not excluded; if there
+        is none (round 1, or all of them failed), the best-ranked participant not
+        excluded. Every member holds the same model, so members that see each other
+        agree even while their views of newcomers differ (docs/protocol.md 9.4)."""
+        known = self._contributors or frozenset()
+        first = {k for k in self.taking_part() if k in known and k not in self.excluded}
+        candidates = first or {k for k in self.participants() if k not in self.excluded}
         ranked = ranking(self.federation, self.current, candidates)
         return ranked[0] if ranked else None
+
+    def behind(self) -> bool:
+        """Whether a member reports having completed the round we would work on: its
+        model exists, so training that round is moot; we wait for it (catch-up)."""
+        return any(v.round >= self.current for v in self.peers.values())
+
+    def unseen_contributor_first(self) -> bool:
+        """Whether a contributor of the model we hold that we have never seen as a member
+        outranks, for the current round, every contributor we see taking part: then we
+        cannot know whom the others elect (a node that just joined has not heard of
+        every member yet). Contributors we saw leave do not count."""
+        known = self._contributors or frozenset()
+        unseen = known - self._seen - {self.self_key}
+        if not unseen:
+            return False
+        ranked = ranking(self.federation, self.current, unseen | (known & self.taking_part()))
+        return ranked[0] in unseen
 
     def next_deadline(self) -> float | None:
         """When ``tick`` must next be called (None: no timer)."""

@@ -21,7 +21,8 @@ STATE_STYLES = {
     "connected": "green", "relayed": "cyan", "joined": "cyan", "suspect": "yellow",
     "gone": "red", "untrusted": "red", "banned": "red",
     "training": "bold green", "collecting": "green", "aggregating": "bold magenta",
-    "waiting": "yellow", "waiting_model": "yellow", "offline": "red", "stopped": "red",
+    "waiting": "yellow", "joining": "yellow", "waiting_model": "yellow", "offline": "red",
+    "stopped": "red",
     "done": "bold blue",
 }
 #: Colours of event-log kinds.

@@ -67,6 +67,10 @@ log = logging.getLogger(__name__)
 THREAD_ENCODE_MIN_PARAMS = 256 * 1024
 #: Notes logged as warnings (the rest at INFO).
 _WARNING_NOTES = frozenset({"aggregator_failed", "model_conflict"})
+#: Notes of a change that linked peers hear at once (a heartbeat), not at the next beat:
+#: an aggregator must not wait for a node that sits a round out, and may for one that
+#: takes part again (docs/protocol.md 9.2).
+_TOLD_AT_ONCE = frozenset({"joining", "taking_part"})
 
 
 class Executor:
@@ -413,6 +417,8 @@ class Executor:
         if action.kind == "aggregating":
             log.info("%s", action.detail)
             return
+        if action.kind in _TOLD_AT_ONCE:
+            self.tell_peers()
         self.events.note(action.kind, action.detail)
         if action.kind == "done":
             self.events.publish("training_stopped", {"round": self.machine.completed,

@@ -56,7 +56,7 @@ def restore(store: CheckpointSource, machine: RoundMachine, *, max_size: int) ->
     if ckpt is not None:
         msg = decode(ckpt.frame, max_size=max_size).message
         assert isinstance(msg, Model)
-        machine.resume(ckpt.round, ckpt.digest, msg.aggregator)
+        machine.resume(ckpt.round, ckpt.digest, msg.aggregator, msg.contributors)
         weights, frame, round_number = _copy(msg.weights), ckpt.frame, ckpt.round
         log.info("resuming from the checkpoint of round %d (%s)", ckpt.round, ckpt.path.name)
     offline = store.load_offline(_verify_offline(machine, max_size))

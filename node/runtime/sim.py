@@ -116,7 +116,10 @@ class Simulation:
         heartbeat_interval: float | None = None,
         compress: str = "none",
         budget: int | None = None,
+        late: int = 0,
     ) -> None:
+        """``late``: the last ``late`` of the ``n`` nodes are left out at the start (not
+        alive, not linked) until ``join`` brings each in."""
         self.announce_interval = announce_interval
         #: Heartbeats on every link (progress and anti-entropy, as the daemon sends them);
         #: off by default to keep large simulations cheap.
@@ -142,6 +145,9 @@ class Simulation:
                                          VectorLearner(i, budget=budget), MemoryCheckpoints(),
                                          SimEvents(lambda: self.now)))
         self.by_key = {node.key: node for node in self.nodes}
+        for node in self.nodes[n - late:]:
+            node.alive = False  # not started yet: ``join`` starts it
+        self.late = {node.index for node in self.nodes[n - late:]}
 
     def _node(self, i: int, ident: Identity, seq: SequenceCounter, learner: VectorLearner,
               store: MemoryCheckpoints, events: SimEvents) -> SimNode:
@@ -177,9 +183,21 @@ class Simulation:
         node.aggregated, node.rejected, node.epoch = old.aggregated, old.rejected, old.epoch + 1
         self.nodes[i] = node
         self.by_key[node.key] = node
+        self._bring_up(node, peers)
+
+    def join(self, i: int, peers: list[int] | None = None) -> None:
+        """Start node ``i``, left out so far (``late``), linked to ``peers`` (default:
+        every live node): a new member joining the running federation."""
+        node = self.nodes[i]
+        assert i in self.late and not node.alive, "only a late node joins, once"
+        self.late.discard(i)
+        node.alive = True
+        self._bring_up(node, peers)
+
+    def _bring_up(self, node: SimNode, peers: list[int] | None) -> None:
         for j in (peers if peers is not None else range(len(self.nodes))):
-            if j != i and self.nodes[j].alive:
-                self.connect(i, j)
+            if j != node.index and self.nodes[j].alive:
+                self.connect(node.index, j)
         node.core.machine.start(self.now)
         self._drain(node)
         self.at(self.rng.uniform(0, self.announce_interval),
@@ -222,7 +240,7 @@ class Simulation:
             for a in range(len(self.nodes)):
                 for b in range(a + 1, len(self.nodes)):
                     self.connect(a, b)
-        for node in self.nodes:
+        for node in self.alive():
             node.core.machine.start(self.now)
             self._drain(node)
             self.at(self.rng.uniform(0, self.announce_interval),

@@ -47,7 +47,7 @@ def _rounds_view(node: Node) -> dict[str, Any]:
         "is_aggregator": agg == node.public_key if agg else False,
         "attempt": m.attempt,
         "mode": "offline" if m.offline else "elected",
-        "quorum": {"need": m.quorum, "have": len(m.participants())},
+        "quorum": {"need": m.quorum, "have": len(m.live())},
         "members": sorted(node_id_from_key(k) for k in m.members()),
         "offline_steps": m.offline_steps,
         "collect_deadline_s": round(m.deadlines.collect(), 3),

@@ -1,6 +1,6 @@
 """Over real links (in-process daemons on 127.0.0.1): a member that sends NaN updates and
-NaN models is refused by everyone, shown with its strikes, cut off, and the others finish
-on one finite model (node.peers.checks)."""
+NaN models is refused by those it sends them to, shown with its strikes, cut off, and the
+others finish on one finite model (node.peers.checks)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,10 @@ async def test_a_member_sending_nan_is_refused_cut_off_and_the_others_finish(
         kinds = {e["kind"] for n in honest for e in await n.control.events(500)}
     assert len({n.model_hash() for n in honest}) == 1
     assert all(np.isfinite(v).all() for n in honest for v in n.executor.weights.values())
+    # Refused by those it sent poison to: the aggregators its updates went to, and all
+    # when it published a model (which it may never do: docs/protocol.md 9.4 elects
+    # among the contributors of the last model); a member it sent nothing has no strike.
     views = [p for s in statuses for p in s["peers"] if p["node_id"] == bad.node_id]
-    assert views and all(p["strikes"] >= 1 for p in views)
+    assert views and any(p["strikes"] >= 1 for p in views)
     assert any(p["state"] == "banned" for p in views), views
     assert "member_refused" in kinds and "member_cut_off" in kinds

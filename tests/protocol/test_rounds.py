@@ -390,6 +390,7 @@ def test_an_old_model_with_a_wrong_digest_is_ignored_not_refused():
 
 def test_a_model_for_a_later_round_lets_a_lagging_node_catch_up():
     m = machine(KEYS[0], rounds=10)
+    m.peer_up(KEYS[1], 0.0)
     m.start(0.0)
     m.take_actions()
     later = a_model(6, KEYS[1], 4.0)
@@ -410,6 +411,7 @@ def test_catching_up_past_the_last_round_finishes():
 
 def test_a_model_received_before_start_is_applied_but_starts_nothing():
     m = machine(KEYS[0])
+    m.peer_up(KEYS[1], 0.0)
     m.on_model(KEYS[1], a_model(2, KEYS[1]), 0.0)
     acts = m.take_actions()
     assert m.completed == 2 and of(acts, StartTraining) == []
@@ -510,7 +512,7 @@ def test_exclusions_last_only_for_the_round():
 # ---- pausing and participation ----------------------------------------------------------
 
 
-def test_participants_are_live_members_not_stopped_or_done_and_include_self():
+def test_members_taking_part_are_live_not_stopped_done_or_joining_and_include_self():
     m = machine(KEYS[0])
     for k in KEYS[1:5]:
         m.peer_up(k, 0.0)
@@ -518,6 +520,13 @@ def test_participants_are_live_members_not_stopped_or_done_and_include_self():
     m.peer_status(KEYS[4], 0.0, round=0, state="done")
     m.peer_down(KEYS[2], 0.0)
     assert m.members() == {KEYS[0], KEYS[1], KEYS[3], KEYS[4]}
+    assert m.live() == m.taking_part() == {KEYS[0], KEYS[1]}
+    # a member sitting a round out is live (a quorum counts it) but takes no part
+    m.peer_up(KEYS[2], 0.0)
+    m.peer_status(KEYS[2], 0.0, round=0, state="joining")
+    assert m.live() == {KEYS[0], KEYS[1], KEYS[2]}
+    assert m.taking_part() == {KEYS[0], KEYS[1]}
+    m.start(0.0)
     assert m.participants() == {KEYS[0], KEYS[1]}
 
 

@@ -50,7 +50,7 @@ def test_the_table_covers_every_phase_and_leads_only_to_phases():
 def test_the_table_stays_in_a_phase_only_where_the_machine_does():
     loops = {p for p in Phase if p in TRANSITIONS[p]}
     assert loops == {Phase.WAITING_START, Phase.TRAINING, Phase.WAITING_MODEL, Phase.OFFLINE,
-                     Phase.STOPPED}
+                     Phase.STOPPED, Phase.JOINING}
     assert TRANSITIONS[Phase.DONE] == frozenset()
 
 
@@ -148,7 +148,7 @@ def test_the_phase_cannot_be_assigned_from_outside():
 FIELDS = ["phase", "self_key", "federation", "rounds_total", "quorum", "timeouts", "deadlines",
           "spec", "genesis_digest", "completed", "model_digest", "last_aggregator",
           "local_digest", "offline_steps", "aggregator", "excluded", "my_update", "updates",
-          "peers", "outbox"]
+          "peers", "outbox", "contributors"]
 
 
 def running_machine():
