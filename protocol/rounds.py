@@ -339,11 +339,13 @@ class RoundMachine(RoundState):
         """Sit the current round out (JOINING) if taking part could stall it: a member
         has completed it already (we wait for its model), or a contributor of our model
         that we have never seen outranks those we see (we could elect another aggregator
-        than the rest), unless the members we see sit out too. The round's model, or the
-        model deadline, ends the wait (docs/protocol.md 9.2)."""
+        than the rest), unless we have no member (nobody can wait for us) or the members
+        we see sit out too. The round's model, or the model deadline, ends the wait
+        (docs/protocol.md 9.2)."""
         if self.behind():
             why = f"a member completed round {self.current} already: waiting for its model"
-        elif not self._nobody_else_takes_part() and self.unseen_contributor_first():
+        elif (self.peers and not self._nobody_else_takes_part()
+              and self.unseen_contributor_first()):
             why = "the best-ranked contributor of its model not seen yet"
         else:
             return False

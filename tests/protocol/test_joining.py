@@ -192,6 +192,16 @@ def test_contributors_seen_leaving_do_not_make_a_node_sit_out():
     assert m.phase is Phase.TRAINING and m.elect() == ranking(FED, r, [me, KEYS[2]])[0]
 
 
+def test_a_node_alone_does_not_sit_out_for_contributors_it_has_not_seen():
+    # a restarted node whose partner is gone for good: nobody can wait for it
+    me, gone = KEYS[0], KEYS[1]
+    r = a_round_where(gone, [me, gone])
+    m = machine(me, rounds=r + 2)
+    m.resume(r - 1, b"\x01" * 32, gone, (me, gone))
+    m.start(0.0)
+    assert m.phase is Phase.TRAINING and m.elect() == me
+
+
 def test_sitting_out_ends_at_the_model_deadline():
     m = machine(KEYS[3], rounds=10, wait_peers=1)
     m.start(0.0)
