@@ -349,9 +349,14 @@ class RoundState:
         return ranked[0] if ranked else None
 
     def behind(self) -> bool:
-        """Whether a member reports having completed the round we would work on: its
-        model exists, so training that round is moot; we wait for it (catch-up)."""
-        return any(v.round >= self.current for v in self.peers.values())
+        """Whether members report having completed the round we would work on: its model
+        exists, so training that round is moot; we wait for it (catch-up). It takes as
+        many reports as a catch-up model needs (a quorum of the others, at most as many as
+        there are: node/peers/checks.py), so one member claiming a far round in its
+        heartbeats cannot make the others sit rounds out (issue 12)."""
+        reached = sum(1 for v in self.peers.values() if v.round >= self.current)
+        needed = min(max(self.quorum - 1, 1), len(self.peers))
+        return needed > 0 and reached >= needed
 
     def unseen_contributor_first(self) -> bool:
         """Whether a contributor of the model we hold that we have never seen as a member

@@ -240,3 +240,19 @@ def _update(sender: bytes, r: int = 1):
 
     return Update(round=r, attempt=0, base=b"\x00" * 32, num_examples=10, loss=0.5,
                   train_seconds=1.0, weights=weights(2.0))
+
+
+def test_one_member_claiming_a_far_round_cannot_make_the_others_sit_out():
+    # quorum 3: a catch-up needs two members' word, and so does sitting a round out
+    m = machine(KEYS[0], rounds=100, quorum=3)
+    for k in KEYS[1:4]:
+        m.peer_up(k, 0.0, round=0)
+    m.start(0.0)
+    m.take_actions()
+    assert m.phase is Phase.TRAINING
+    m.peer_up(KEYS[1], 1.0, round=90, state="training")  # a liar (or the only one ahead)
+    m.on_model(KEYS[2], model(1, KEYS[2], (KEYS[0], KEYS[2], KEYS[3])), 2.0)
+    assert m.current == 2 and m.phase is Phase.TRAINING  # it takes part in round 2
+    m.peer_up(KEYS[3], 3.0, round=90, state="training")  # a second member's word
+    m.on_model(KEYS[2], model(2, KEYS[2], (KEYS[0], KEYS[2], KEYS[3])), 4.0)
+    assert m.current == 3 and m.phase is Phase.JOINING
