@@ -55,8 +55,7 @@ class Reassembler:
                 if flag == 0x92 else ""
             raise ProtocolError(f"bad piece flag 0x{flag:02x}{hint}")
         if len(self._buffer) + len(piece) - 1 > self.limit:
-            raise ProtocolError(f"message of more than {self.limit} bytes exceeds the cap"
-                                f" of {self.limit}")
+            raise ProtocolError(f"message exceeds the cap of {self.limit} bytes")
         if flag == MORE and len(piece) - 1 != PIECE_MAX:
             raise ProtocolError("a piece other than the last one must be full")
         if flag == LAST and not self._buffer:
