@@ -11,8 +11,12 @@ transport marks it). Three limits keep strangers from holding a node's sockets:
   from the connection's start, closes it otherwise (``server_options``);
 * a pending connection is closed ``PENDING_DEADLINE`` seconds after it was first seen,
   whatever it sends (a slow upgrade, a handshake that never ends);
-* at most ``MAX_PENDING_PER_ADDRESS`` pending connections per remote address: the newest
-  beyond it are closed at the next sweep (every ``SWEEP_INTERVAL`` seconds).
+* at most ``MAX_PENDING_PER_ADDRESS`` pending connections per remote address, counting
+  those seen pending for ``CROWD_GRACE`` seconds or more: the oldest beyond it are closed
+  at the next sweep (every ``SWEEP_INTERVAL`` seconds). The grace and the order keep a
+  legitimate client that shares an address with a flood (behind one NAT, or on the same
+  host) usable: its request arrives within milliseconds and is settled before it counts,
+  and the flood's oldest sockets go first.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from aiohttp.web_protocol import RequestHandler
 HEADER_TIMEOUT = 5.0
 PENDING_DEADLINE = 10.0
 MAX_PENDING_PER_ADDRESS = 16
+CROWD_GRACE = 1.0
 SWEEP_INTERVAL = 0.5
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -42,10 +47,11 @@ class ConnectionGuard:
     """Closes a server's pending connections that are too old or too many (module doc)."""
 
     def __init__(self, *, max_per_address: int = MAX_PENDING_PER_ADDRESS,
-                 deadline: float = PENDING_DEADLINE,
+                 deadline: float = PENDING_DEADLINE, grace: float = CROWD_GRACE,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.max_per_address = max_per_address
         self.deadline = deadline
+        self.grace = grace
         self.clock = clock
         self.runner: web.BaseRunner | None = None
         #: When each live connection was first seen; settled ones are in ``_settled``.
@@ -74,22 +80,24 @@ class ConnectionGuard:
         seen = {h: self._seen.get(h, now) for h in live}
         self._seen = seen
         self._settled.intersection_update(seen)
-        pending: dict[str, list[RequestHandler]] = {}
-        closed = 0
-        for handler, first in sorted(seen.items(), key=lambda item: item[1]):
+        crowds: dict[str, list[RequestHandler]] = {}
+        doomed: list[RequestHandler] = []
+        for handler, first in seen.items():
             if handler in self._settled or handler.transport is None:
                 continue
             if now - first >= self.deadline:
                 self.closed_late += 1
-            else:
-                crowd = pending.setdefault(_address(handler), [])
-                crowd.append(handler)
-                if len(crowd) <= self.max_per_address:
-                    continue
-                self.closed_crowded += 1
+                doomed.append(handler)
+            elif now - first >= self.grace:
+                crowds.setdefault(_address(handler), []).append(handler)
+        for crowd in crowds.values():
+            crowd.sort(key=seen.__getitem__)  # oldest first
+            excess = crowd[:max(0, len(crowd) - self.max_per_address)]
+            self.closed_crowded += len(excess)
+            doomed.extend(excess)
+        for handler in doomed:
             handler.force_close()
-            closed += 1
-        return closed
+        return len(doomed)
 
     async def run(self) -> None:
         """Sweep for as long as the node runs."""

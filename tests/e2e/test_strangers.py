@@ -28,6 +28,11 @@ from .cluster import Cluster
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 STRANGERS = 2000
+#: Rounds of STRANGERS handshakes measured after a warm-up round. Before issue 12's fix
+#: each handshake kept about 11 KB (23 MB per 2,000); RSS_BOUND allows 3 KB each, far
+#: above the noise of a training node (-6 to +4 MB settled) and far below that leak.
+MEASURED_ROUNDS = 2
+RSS_BOUND = MEASURED_ROUNDS * STRANGERS * 3072
 #: Concurrent handshakes, within the node's limit of pending connections per address.
 BATCH = 12
 
@@ -67,13 +72,10 @@ def test_thousands_of_strangers_leave_the_node_small(tmp_path):
         genesis = bytes.fromhex(status["genesis_hash"])
         proc = psutil.Process(node.proc.pid)
         asyncio.run(knock_all(node.endpoint["peer_port"], genesis))  # warm-up round
-        before, round_before = proc.memory_info().rss, node.status()["round"]
-        asyncio.run(knock_all(node.endpoint["peer_port"], genesis))
-        # Let the last connections end: a closing link gives its peer CLOSE_GRACE (2 s)
-        # to answer, and the connection guard sweeps every 0.5 s (under load a 1 s wait
-        # measured sockets still closing: 12 MB once, against 1.5-3.9 MB when settled).
-        time.sleep(CLOSE_GRACE + 1.0)
-        grown = proc.memory_info().rss - before
+        before, round_before = _settled_rss(proc), node.status()["round"]
+        for _ in range(MEASURED_ROUNDS):
+            asyncio.run(knock_all(node.endpoint["peer_port"], genesis))
+        grown = _settled_rss(proc) - before
         status = node.status()
     size = len(json.dumps(status))
     strangers = [p for p in status["peers"] if p["state"] == "untrusted"]
@@ -84,8 +86,22 @@ def test_thousands_of_strangers_leave_the_node_small(tmp_path):
     assert len(reasons) <= 50 and set(reasons) <= set(REJECT_KINDS), reasons
     assert reasons.get("federation", 0) >= STRANGERS  # both rounds' other federations
     assert len(status["traffic"]["recent_rejections"]) <= 20
-    print(f"RSS grew by {grown / 1e6:.1f} MB over {STRANGERS} handshakes")
-    assert grown < 10 * 1024 * 1024, f"RSS grew by {grown / 1e6:.1f} MB"
+    handshakes = MEASURED_ROUNDS * STRANGERS
+    print(f"RSS grew by {grown / 1e6:.1f} MB over {handshakes} handshakes")
+    assert grown < RSS_BOUND, f"RSS grew by {grown / 1e6:.1f} MB over {handshakes} handshakes"
+
+
+def _settled_rss(proc: psutil.Process) -> int:
+    """The node's RSS once the last connections are gone: a closing link gives its peer
+    CLOSE_GRACE (2 s) to answer and the connection guard sweeps every 0.5 s; then the
+    least of five samples, since the node trains meanwhile and a training step's
+    tensors come and go (one sample under load read 12.9 MB for what settles at 1-4)."""
+    time.sleep(CLOSE_GRACE + 1.0)
+    samples = []
+    for _ in range(5):
+        samples.append(proc.memory_info().rss)
+        time.sleep(0.5)
+    return min(samples)
 
 
 def _open_sockets(port: int, count: int) -> list[socket.socket]:

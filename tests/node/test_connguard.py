@@ -126,15 +126,22 @@ async def test_settled_connections_are_kept(no_leaked_tasks):
 
 
 async def test_at_most_the_limit_of_pending_connections_per_address(no_leaked_tasks):
-    guard = ConnectionGuard(max_per_address=4)
+    clock = [0.0]
+    guard = ConnectionGuard(max_per_address=4, clock=lambda: clock[0])
     runner, port = await _serve(guard, keepalive_timeout=60)
     try:
         conns = [await _connect(port) for _ in range(12)]
         await asyncio.sleep(0.2)
+        assert guard.sweep() == 0  # just seen: within the grace, none counts yet
+        clock[0] = connguard.CROWD_GRACE
+        newcomer = await _connect(port)  # a client behind the same address, late
+        await asyncio.sleep(0.2)
         assert guard.sweep() == 8 and guard.closed_crowded == 8
         closed = [await _closed(r, 0.5) for r, _ in conns]
-        assert closed == [False] * 4 + [True] * 8  # the oldest four are kept
-        for _, writer in conns:
+        assert closed == [True] * 8 + [False] * 4  # the oldest go first
+        newcomer[1].write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await newcomer[0].readline()).startswith(b"HTTP/1.1 200")
+        for _, writer in [*conns, newcomer]:
             writer.close()
     finally:
         await runner.cleanup()
