@@ -15,7 +15,8 @@ from .errors import ProtocolError
 from .tensors import Tensor, weights_from_wire, weights_to_wire
 
 HASH_LEN = 32
-NONCE_LEN = 16
+#: A hello's nonce and echo: the two ephemeral X25519 keys of the link.
+NONCE_LEN = 32
 KEY_LEN = 32
 
 
@@ -88,14 +89,12 @@ class Hello:
                                     "proof": bytes})
         if not 0 < len(b["name"]) <= 64:
             raise ProtocolError("hello.name: 1 to 64 characters")
-        if len(b["echo"]) not in (0, NONCE_LEN):
-            raise ProtocolError("hello.echo: bad length")
         if len(b["proof"]) not in (0, HASH_LEN):
             raise ProtocolError("hello.proof: bad length")
         return cls(
             name=b["name"],
             nonce=_bin("hello", "nonce", b["nonce"], NONCE_LEN),
-            echo=b["echo"],
+            echo=_bin("hello", "echo", b["echo"], NONCE_LEN),
             port=_count("hello", "port", b["port"], 65535),
             genesis=_bin("hello", "genesis", b["genesis"], HASH_LEN),
             round=_count("hello", "round", b["round"]),

@@ -1,9 +1,9 @@
 """Peer links over aiohttp WebSockets: handshake, one link per peer, send queues, dialing.
 
-Every link is a WebSocket on ``/fl/v1/link`` carrying binary frames (signed envelopes).
-The handshake is three hellos: the dialer's (with its challenge), the acceptor's (echoing
-it, with its own challenge), and the dialer's answer (echoing that). Each side thereby
-proves it holds its key now. Bad frames are caught here, in one place: logged with their
+Every link is a WebSocket on ``/fl/v2/link`` carrying an encrypted channel
+(node.peers.channel) of frames (signed envelopes). The handshake is the channel's two
+ephemeral keys, then two signed hellos inside it, the acceptor's first (node.peers
+.handshake). Each side thereby proves it holds its key now. Bad frames are caught here, in one place: logged with their
 reason, counted against the peer, and the link keeps going (a peer that keeps sending
 garbage is cut off).
 """
@@ -24,16 +24,18 @@ from node.common.health import Health
 from node.common.ratelog import RateLimitedLog
 from node.common.wsaccept import upgrade_refusal
 from node.common.wsclose import CLOSE_GRACE, AnyWebSocket, close_ws
+from node.peers.channel import WS_LIMIT, Channel, open_acceptor, open_dialer
 from node.peers.core import RELAY_OVERHEAD, NodeCore
 from protocol.envelope import Envelope
 from protocol.errors import ProtocolError
 from protocol.identity import node_id_from_key
 from protocol.messages import Hello
-from protocol.pieces import HANDSHAKE_FRAME_MAX, WS_MESSAGE_MAX, Reassembler, split
 
 log = logging.getLogger(__name__)
 
-LINK_PATH = "/fl/v1/link"
+LINK_PATH = "/fl/v2/link"
+#: Where nodes of link protocol 1 dialed: answered 426 with the reason.
+OLD_LINK_PATH = "/fl/v1/link"
 #: Seconds from a link's WebSocket upgrade to the end of the signed handshake; the
 #: upgrade request itself must arrive within node.common.connguard.HEADER_TIMEOUT.
 HANDSHAKE_TIMEOUT = 5.0
@@ -51,12 +53,11 @@ class Link:
     dialer: bytes
     address: str
     ws: AnyWebSocket
+    #: The link's encrypted channel (node.peers.channel), with the full frame cap.
+    channel: Channel
     outbox: asyncio.Queue[bytes | bytearray] = field(default_factory=lambda: asyncio.Queue(256))
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     rejects: int = 0
-    #: Joins the pieces of incoming frames (protocol.pieces); the full cap, as the link
-    #: is admitted.
-    pieces: Reassembler = field(default_factory=lambda: Reassembler(0))
 
     @property
     def node_id(self) -> str:
@@ -106,57 +107,53 @@ class PeerTransport:
     # -- server -----------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        """The aiohttp application serving ``/fl/v1/link``."""
+        """The aiohttp application serving ``/fl/v2/link``."""
         app = web.Application(client_max_size=64 * 1024)
         app.router.add_get(LINK_PATH, self._accept)
+        app.router.add_get(OLD_LINK_PATH, _old_protocol)
         return app
 
     async def _accept(self, request: web.Request) -> web.StreamResponse:
-        # Every WebSocket message is one piece (protocol.pieces): at most 64 KiB, so a
-        # header claiming more is refused by aiohttp at once; the frame cap is the
-        # reassembler's, a few KiB until the handshake is done. No aiohttp heartbeat: our
-        # heartbeats and the idle timeout watch a link, and aiohttp's timer kept every
-        # closed socket (and its buffers) alive for 20 s, which a flood of handshakes
-        # turned into memory (11 KB each; issue 12).
+        # Every WebSocket message is one record, a sealed piece (node.peers.channel): at
+        # most 64 KiB and a little, so a header claiming more is refused by aiohttp at
+        # once; the frame cap is the channel's, a few KiB until the handshake is done. No
+        # aiohttp heartbeat: our heartbeats and the idle timeout watch a link, and
+        # aiohttp's timer kept every closed socket (and its buffers) alive for 20 s, which
+        # a flood of handshakes turned into memory (11 KB each; issue 12).
         refusal = upgrade_refusal(request)
         if refusal is not None:
             return refusal
-        ws = web.WebSocketResponse(max_msg_size=WS_MESSAGE_MAX + 1, compress=False)
+        ws = web.WebSocketResponse(max_msg_size=WS_LIMIT, compress=False)
         await ws.prepare(request)
         peer_ip = request.remote or "?"
-        pieces = Reassembler(HANDSHAKE_FRAME_MAX)
+        handshake = self.core.handshake
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                first = await self._receive_frame(ws, pieces)
-                env, hello = self.core.handshake.accept(first, None)
-                our_nonce = self.core.handshake.new_nonce()
-                await _send(ws, self.core.handshake.hello(our_nonce, echo=hello.nonce))
-                third = await self._receive_frame(ws, pieces)
-                env3, hello3 = self.core.handshake.accept(third, our_nonce)
-                if env3.sender != env.sender:
-                    raise ProtocolError("handshake answered by another key")
-                trust = self.core.handshake.admit(env.sender, hello3, our_nonce)
+                channel = await open_acceptor(ws)
+                await channel.send(handshake.hello(channel))
+                env, hello = handshake.accept(await channel.receive_frame(), channel)
+                trust = handshake.admit(env.sender, hello, channel.ours)
         except (ProtocolError, TimeoutError, ConnectionError, aiohttp.ClientError) as exc:
             reason = exc.reason if isinstance(exc, ProtocolError) else type(exc).__name__
             self.refused_log.warning(peer_ip, "refused link from %s: %s", peer_ip, reason)
             self.core.reject(None, reason)
             await close_ws(ws)
             return ws
-        address = f"{peer_ip}:{hello3.port}"
+        address = f"{peer_ip}:{hello.port}"
         if trust is None:
-            self._untrusted(env.sender, hello3, address)
+            self._untrusted(env.sender, hello, address)
             await close_ws(ws)
             return ws
         self.settle(request)
-        link = Link(key=env.sender, dialer=env.sender, address=address, ws=ws,
-                    pieces=self._link_pieces())
-        await self._run_link(link, hello3, trust)
+        channel.admit(self._frame_cap())
+        link = Link(key=env.sender, dialer=env.sender, address=address, ws=ws, channel=channel)
+        await self._run_link(link, hello, trust)
         return ws
 
-    def _link_pieces(self) -> Reassembler:
-        """The reassembler of an admitted link: the full cap (a relay may wrap a frame
-        of up to the cap, hence the overhead; node.peers.core.decode)."""
-        return Reassembler(self.core.max_message_size + RELAY_OVERHEAD)
+    def _frame_cap(self) -> int:
+        """The frame cap of an admitted link: the full cap (a relay may wrap a frame of up
+        to the cap, hence the overhead; node.peers.core.decode)."""
+        return self.core.max_message_size + RELAY_OVERHEAD
 
     def _untrusted(self, key: bytes, hello: Hello, address: str) -> None:
         self.untrusted_log.info(address.rsplit(":", 1)[0], "peer %s (%s) at %s is not"
@@ -212,52 +209,41 @@ class PeerTransport:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-            ws = await self._session.ws_connect(
-                f"http://{address}{LINK_PATH}", max_msg_size=WS_MESSAGE_MAX + 1,
-                heartbeat=20, compress=0, autoping=True,
-            )
+            try:
+                ws = await self._session.ws_connect(
+                    f"http://{address}{LINK_PATH}", max_msg_size=WS_LIMIT,
+                    heartbeat=20, compress=0, autoping=True,
+                )
+            except aiohttp.WSServerHandshakeError as exc:
+                if exc.status in (404, 426):
+                    raise ProtocolError(f"{address} does not speak link protocol 2 (HTTP"
+                                        f" {exc.status} for {LINK_PATH}): it runs an older"
+                                        " fl-node") from None
+                raise
+        handshake = self.core.handshake
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                our_nonce = self.core.handshake.new_nonce()
-                await _send(ws, self.core.handshake.hello(our_nonce))
-                reply = await self._receive_frame(ws, Reassembler(HANDSHAKE_FRAME_MAX))
-                env, hello = self.core.handshake.accept(reply, our_nonce)
+                channel = await open_dialer(ws)
+                env, hello = handshake.accept(await channel.receive_frame(), channel)
                 if expected is not None and not expected(env.sender):
                     raise ProtocolError(f"{address} answered with key"
                                         f" {node_id_from_key(env.sender)}, not the expected"
                                         " one: dropped as an impostor")
-                await _send(ws, self.core.handshake.hello(self.core.handshake.new_nonce(),
-                                                          echo=hello.nonce))
+                await channel.send(handshake.hello(channel))
         except BaseException:
             await close_ws(ws)
             raise
         self.address_keys[address] = env.sender
-        trust = self.core.handshake.admit(env.sender, hello, our_nonce)
+        trust = handshake.admit(env.sender, hello, channel.ours)
         if trust is None:
             self._untrusted(env.sender, hello, address)
             await close_ws(ws)
             return False
+        channel.admit(self._frame_cap())
         link = Link(key=env.sender, dialer=self.core.key, address=address, ws=ws,
-                    pieces=self._link_pieces())
+                    channel=channel)
         await self._run_link(link, hello, trust)
         return True
-
-    @staticmethod
-    async def _receive_frame(ws: AnyWebSocket, pieces: Reassembler) -> bytearray:
-        """The next whole frame of the handshake (ProtocolError if the peer sends
-        anything else, ConnectionError if it closes)."""
-        while True:
-            msg = await ws.receive()
-            if msg.type == WSMsgType.BINARY:
-                frame = pieces.feed(msg.data)
-                if frame is not None:
-                    return frame
-                continue
-            if msg.type == WSMsgType.TEXT:
-                raise ProtocolError("text frame on a peer link")
-            if msg.type == WSMsgType.ERROR:
-                raise ProtocolError(f"websocket error ({msg.data})")
-            raise ConnectionError("link closed during handshake")
 
     # -- links ------------------------------------------------------------------------
 
@@ -339,12 +325,12 @@ class PeerTransport:
                 self._reject(link, f"unexpected websocket frame type {msg.type.name}")
             else:
                 try:
-                    frame = link.pieces.feed(msg.data)
+                    frame = link.channel.open(msg.data)
                 except ProtocolError as exc:
                     self._reject(link, exc.reason)
-                    log.warning("cutting link to %s: its pieces cannot be joined",
+                    log.warning("cutting link to %s: its records cannot be read",
                                 link.node_id)
-                    return  # the framing is lost: nothing after this piece can be read
+                    return  # the channel is lost: nothing after this record can be read
                 if frame is not None:
                     await self._handle(link, frame)
             if link.rejects >= MAX_REJECTS_PER_LINK:
@@ -372,7 +358,7 @@ class PeerTransport:
         try:
             while True:
                 frame = await link.outbox.get()
-                await _send(link.ws, frame)
+                await link.channel.send(frame)
                 self.core.counters.bytes_sent += len(frame)
                 self.core.counters.messages_sent += 1
         except (ConnectionError, aiohttp.ClientError) as exc:
@@ -413,10 +399,11 @@ class PeerTransport:
             self._session = None
 
 
-async def _send(ws: AnyWebSocket, frame: bytes | bytearray) -> None:
-    """Send ``frame`` as its pieces (protocol.pieces), in order."""
-    for piece in split(frame):
-        await ws.send_bytes(piece)
+async def _old_protocol(request: web.Request) -> web.StreamResponse:
+    """``/fl/v1/link``: a node of link protocol 1 learns why it is refused."""
+    return web.Response(status=426, headers={"Upgrade": "websocket"},
+                        text=f"this node speaks link protocol 2 ({LINK_PATH}, encrypted); "
+                             "upgrade fl-node\n")
 
 
 def now() -> float:

@@ -26,6 +26,7 @@ from node.common.health import Health
 from node.common.state import SequenceCounter
 from node.common.weights import to_tensors
 from node.peers.core import NodeCore
+from node.peers.handshake import socketless_hellos
 from node.runtime.executor import Executor
 from node.runtime.jobs import QueuedJob, advance, run_now
 from node.runtime.simparts import MemoryCheckpoints, MemoryLog, SimEvents, VectorLearner
@@ -272,15 +273,12 @@ class Simulation:
         na, nb = self.nodes[a], self.nodes[b]
         if not (na.alive and nb.alive) or frozenset((a, b)) in self.links:
             return
-        # the real three-hello handshake, with federation proofs bound to the challenges
-        nonce_a, nonce_b = na.core.handshake.new_nonce(), nb.core.handshake.new_nonce()
-        env_1, msg_1 = nb.core.handshake.accept(bytes(na.core.handshake.hello(nonce_a)), None)
-        env_2, msg_2 = na.core.handshake.accept(bytes(nb.core.handshake.hello(nonce_b, echo=msg_1.nonce)),
-                                            nonce_a)
-        env_3, msg_3 = nb.core.handshake.accept(bytes(na.core.handshake.hello(na.core.handshake.new_nonce(),
-                                                                echo=msg_2.nonce)), nonce_b)
-        trust_b = na.core.handshake.admit(nb.key, msg_2, nonce_a)
-        trust_a = nb.core.handshake.admit(na.key, msg_3, nonce_b)
+        # the real hellos, with federation proofs bound to the link's ephemeral keys (the
+        # simulation has no sockets, so no channel encrypts them)
+        (_, msg_2, ends_a), (_, msg_3, ends_b) = socketless_hellos(na.core.handshake,
+                                                                   nb.core.handshake)
+        trust_b = na.core.handshake.admit(nb.key, msg_2, ends_a.ours)
+        trust_a = nb.core.handshake.admit(na.key, msg_3, ends_b.ours)
         if trust_a is None or trust_b is None:
             na.core.peers.note_untrusted(nb.key, msg_2.name, f"sim:{b}", self.now)
             nb.core.peers.note_untrusted(na.key, msg_3.name, f"sim:{a}", self.now)

@@ -11,11 +11,12 @@ import aiohttp
 import msgpack
 import pytest
 
+from node.peers.channel import open_dialer
+from node.peers.transport import LINK_PATH
 from protocol.envelope import DOMAIN, encode
 from protocol.gossip import federation_key, federation_proof
 from protocol.identity import Identity
 from protocol.messages import Heartbeat, Hello, Update
-from protocol.pieces import split
 from protocol.tensors import Tensor
 
 from .cluster import Cluster
@@ -27,7 +28,8 @@ SECRET = "e2e test federation secret"  # a member gone rogue knows it
 
 
 class Raw(bytes):
-    """One WebSocket message sent as it is, not split into pieces."""
+    """One record sealed as it is, not split into pieces (before the handshake: one
+    WebSocket message as it is)."""
 
 
 def now_ms() -> int:
@@ -68,32 +70,25 @@ class Attacker:
                             federation="default"))
 
     async def session(self, frames, handshake: bool = True) -> None:
+        """Open a link and send ``frames(self)``; without ``handshake``, send them before
+        anything else (no key exchange, no hello)."""
         async with aiohttp.ClientSession() as s:
-            async with s.ws_connect(f"http://127.0.0.1:{self.port}/fl/v1/link") as ws:
+            async with s.ws_connect(f"http://127.0.0.1:{self.port}{LINK_PATH}") as ws:
                 if handshake:
-                    nonce = b"n" * 16
-                    await send(ws, self.frame(Hello("mallory", nonce, b"", 1, self.genesis, 0)))
-                    reply = await ws.receive()
-                    assert reply.type == aiohttp.WSMsgType.BINARY, reply
-                    assert reply.data[0] == 0x01, "a hello is one piece"
-                    their_nonce = msgpack.unpackb(msgpack.unpackb(reply.data[1:])[0])["body"]["nonce"]
+                    channel = await open_dialer(ws)
+                    await channel.receive_frame()  # the node's hello
                     proof = federation_proof(federation_key(self.secret, "default"), "default",
-                                             self.ident.public_key, their_nonce)
-                    await send(ws, self.frame(Hello("mallory", b"m" * 16, their_nonce, 1,
-                                                    self.genesis, 0, proof)))
+                                             self.ident.public_key, channel.theirs)
+                    await channel.send(self.frame(Hello("mallory", channel.ours, channel.theirs,
+                                                        1, self.genesis, 0, proof)))
                 for f in frames(self):
                     if isinstance(f, str):
                         await ws.send_str(f)
                     elif isinstance(f, Raw):
-                        await ws.send_bytes(f)
+                        await ws.send_bytes(channel.seal([f])[0] if handshake else f)
                     else:
-                        await send(ws, f)
+                        await channel.send(f)
                 await asyncio.sleep(0.3)
-
-
-async def send(ws: aiohttp.ClientWebSocketResponse, frame: bytes) -> None:
-    for piece in split(frame):
-        await ws.send_bytes(piece)
 
 
 def _heartbeat(a: Attacker) -> bytes:
@@ -164,6 +159,8 @@ CASES = {
     "unsplit_frame": (lambda a: [Raw(_heartbeat(a))], "bad piece flag 0x92 (a whole frame"),
     "short_piece": (lambda a: [Raw(b"\x00" + _heartbeat(a))], "must be full"),
 }
+# Records that do not open (altered, replayed, reordered, truncated) are in
+# tests/node/test_channel.py; the garbage below is no ephemeral key.
 
 
 def test_bad_input_is_rejected_with_a_reason_and_training_goes_on(tmp_path):
@@ -175,7 +172,7 @@ def test_bad_input_is_rejected_with_a_reason_and_training_goes_on(tmp_path):
         genesis = bytes.fromhex(node.status()["genesis_hash"])
 
         async def attack() -> None:
-            # garbage instead of a handshake
+            # garbage instead of a key exchange
             await Attacker(node.endpoint["peer_port"], genesis).session(
                 lambda a: [Raw(b"\xc1garbage")], handshake=False)
             for frames, _ in CASES.values():
@@ -191,7 +188,7 @@ def test_bad_input_is_rejected_with_a_reason_and_training_goes_on(tmp_path):
         status = node.status()
         log = node.log
     assert status["state"] in ("training", "collecting", "aggregating", "done")
-    assert "refused link from 127.0.0.1" in log
+    assert "refused link from 127.0.0.1: expected a 32-byte ephemeral key" in log
     assert "is not trusted (no pairing, federation secret or --open)" in log
     missing = [name for name, (_, reason) in CASES.items() if reason not in log]
     assert not missing, f"no logged reason for {missing}\n{log[-4000:]}"

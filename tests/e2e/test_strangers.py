@@ -11,17 +11,17 @@ import socket
 import time
 
 import aiohttp
-import msgpack
 import psutil
 import pytest
 
 from node.common.wsclose import CLOSE_GRACE
+from node.peers.channel import open_dialer
 from node.peers.membership import MAX_STRANGERS
 from node.peers.peerstats import REJECT_KINDS
+from node.peers.transport import LINK_PATH
 from protocol.envelope import encode
 from protocol.identity import Identity
 from protocol.messages import Hello
-from protocol.pieces import split
 
 from .cluster import Cluster
 
@@ -38,23 +38,20 @@ BATCH = 12
 
 
 async def knock(port: int, genesis: bytes, federation: str) -> None:
-    """A full three-hello handshake from a fresh key that proves no federation secret."""
+    """A full handshake from a fresh key that proves no federation secret."""
     ident = Identity.generate()
     ts = time.time_ns() // 1_000_000
 
     def frame(seq: int, message: Hello) -> bytes:
-        [piece] = split(encode(ident, message, seq=seq, ts_ms=ts, federation=federation))
-        return piece
+        return bytes(encode(ident, message, seq=seq, ts_ms=ts, federation=federation))
 
     async with aiohttp.ClientSession() as s:
-        async with s.ws_connect(f"http://127.0.0.1:{port}/fl/v1/link") as ws:
-            await ws.send_bytes(frame(1, Hello("stranger", b"n" * 16, b"", 1, genesis, 0)))
-            reply = await ws.receive()
-            if reply.type != aiohttp.WSMsgType.BINARY:
-                return  # refused at the first hello (another federation)
-            nonce = msgpack.unpackb(msgpack.unpackb(reply.data[1:])[0])["body"]["nonce"]
-            await ws.send_bytes(frame(2, Hello("stranger", b"m" * 16, nonce, 1, genesis, 0)))
-            await ws.receive()  # closed: not trusted
+        async with s.ws_connect(f"http://127.0.0.1:{port}{LINK_PATH}") as ws:
+            channel = await open_dialer(ws)
+            await channel.receive_frame()  # the node's hello
+            await channel.send(frame(1, Hello("stranger", channel.ours, channel.theirs, 1,
+                                              genesis, 0)))
+            await ws.receive()  # closed: another federation, or not trusted
 
 
 async def knock_all(port: int, genesis: bytes) -> None:

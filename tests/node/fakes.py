@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from node.peers.channel import Channel
+
 
 @dataclass(frozen=True)
 class Trained:
@@ -85,3 +87,9 @@ class FakeLearner:
 
     def describe(self) -> dict[str, object]:
         return {"dataset": "fake", "model": "linear", "num_examples": len(self.x)}
+
+
+def idle_channel(ws: object) -> Channel:
+    """A link channel over ``ws`` with zero keys, for link tests that never exchange
+    records (the transport needs one on every Link)."""
+    return Channel(ws, bytes(32), bytes(32), (bytes(32), bytes(32)))  # type: ignore[arg-type]

@@ -9,9 +9,12 @@ import os
 import struct
 import time
 
+import aiohttp
 import pytest
 
 from node.config import NodeConfig
+from node.peers.channel import open_dialer
+from node.peers.transport import LINK_PATH
 from node.runtime.build import build_node
 from node.runtime.supervisor import Node
 from protocol.messages import Model
@@ -21,7 +24,7 @@ from protocol.tensors import Tensor, weights_digest
 from .fakes import FakeLearner
 from .test_daemon_inprocess import _wait, running
 
-UPGRADE = (b"GET /fl/v1/link HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+UPGRADE = (b"GET /fl/v2/link HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
            b"Sec-WebSocket-Version: 13\r\n\r\n")
 
@@ -80,13 +83,39 @@ async def test_a_header_claiming_128_mib_before_the_handshake_is_refused_at_once
 
 async def test_a_hello_over_the_handshake_cap_is_refused(tmp_path, no_leaked_tasks, caplog):
     node = _node(tmp_path, 0)
+    async with running([node]), aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"http://127.0.0.1:{node.peer_port}{LINK_PATH}") as ws:
+            channel = await open_dialer(ws)
+            await channel.receive_frame()  # the node's hello
+            with caplog.at_level(logging.WARNING):
+                for record in channel.seal([b"\x01" + bytes(20000)]):  # one 20 KB piece
+                    await ws.send_bytes(record)
+                assert (await ws.receive()).type == aiohttp.WSMsgType.CLOSE
+                await _wait(lambda: "exceeds the cap of 16384" in caplog.text, 2.0)
+
+
+async def test_a_first_message_that_is_no_ephemeral_key_is_refused(tmp_path, no_leaked_tasks,
+                                                                    caplog):
+    node = _node(tmp_path, 0)
     async with running([node]):
         reader, writer = await _upgraded(node.peer_port)
         with caplog.at_level(logging.WARNING):
-            writer.write(_masked(b"\x01" + bytes(20000)))
+            writer.write(_masked(b"\x01" + bytes(200)))  # a link protocol 1 hello, say
             await _close_code(reader, 2.0)
-            await _wait(lambda: "exceeds the cap of 16384" in caplog.text, 2.0)
+            await _wait(lambda: "expected a 32-byte ephemeral key" in caplog.text, 2.0)
         writer.close()
+
+
+async def test_link_protocol_1_is_told_to_upgrade(tmp_path, no_leaked_tasks):
+    node = _node(tmp_path, 0)
+    async with running([node]):
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.peer_port)
+        writer.write(UPGRADE.replace(b"/fl/v2/link", b"/fl/v1/link"))
+        status = await reader.readline()
+        answer = await reader.read(4096)
+        writer.close()
+    assert status.startswith(b"HTTP/1.1 426"), status
+    assert b"link protocol 2" in answer
 
 
 async def test_a_silent_upgraded_connection_is_closed_after_the_handshake_timeout(
@@ -107,11 +136,11 @@ async def test_a_malformed_upgrade_is_a_400_on_either_port(port, tmp_path, no_le
     node = _node(tmp_path, 0)
     async with running([node]):
         where = node.peer_port if port == "peer" else node.web_port
-        path = b"/fl/v1/link" if port == "peer" else b"/ws"
+        path = b"/fl/v2/link" if port == "peer" else b"/ws"
         reader, writer = await asyncio.open_connection("127.0.0.1", where)
         with caplog.at_level(logging.WARNING):
             host = f"Host: 127.0.0.1:{where}".encode()  # what the web port's Host check wants
-            writer.write(UPGRADE.replace(b"/fl/v1/link", path).replace(b"Host: 127.0.0.1", host)
+            writer.write(UPGRADE.replace(b"/fl/v2/link", path).replace(b"Host: 127.0.0.1", host)
                          .replace(b"Upgrade: websocket", b"Upgrade: web\xffsocket"))
             status = await reader.readline()
         writer.close()

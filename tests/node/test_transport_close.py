@@ -12,6 +12,8 @@ from aiohttp import web
 
 from node.peers.transport import Link, PeerTransport, close_ws
 
+from .fakes import idle_channel
+
 
 class SilentSocket:
     """A WebSocket whose peer never answers the close frame (a frozen or vanished host)."""
@@ -46,7 +48,8 @@ def test_close_gives_each_silent_peer_the_grace_at_once_and_closes_the_rest():
         for i, ws in enumerate([*silent, polite]):
             key = bytes([i]) * 32
             transport.links[key] = Link(key=key, dialer=key, address=f"10.0.0.{i}:1",
-                                        ws=ws)  # type: ignore[arg-type]
+                                        ws=ws,  # type: ignore[arg-type]
+                                        channel=idle_channel(ws))
         # Without the grace this never returns; with it, five silent peers cost one grace
         # (they are closed together), well within the bound below.
         await asyncio.wait_for(transport.close(grace=0.2), timeout=5)
@@ -174,7 +177,8 @@ def test_a_link_whose_peer_froze_after_a_ping_is_closed_within_the_idle_timeout(
                                           on_link_up=None, on_link_down=None)
                 transport.idle_timeout = 0.5
                 key = b"\x01" * 32
-                link = Link(key=key, dialer=key, address=f"127.0.0.1:{peer.port}", ws=ws)
+                link = Link(key=key, dialer=key, address=f"127.0.0.1:{peer.port}", ws=ws,
+                            channel=idle_channel(ws))
                 # Without the bound on all of receive() this waits on TCP for minutes.
                 try:
                     await asyncio.wait_for(transport._reader(link), timeout=10)  # noqa: SLF001

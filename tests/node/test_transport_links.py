@@ -11,6 +11,8 @@ from aiohttp import WSMessage, WSMsgType
 
 from node.peers.transport import Link, PeerTransport
 
+from .fakes import idle_channel
+
 KEY = b"\x07" * 32
 
 
@@ -77,7 +79,8 @@ class Recorder:
 
 
 def _link(ws: FakeSocket) -> Link:
-    return Link(key=KEY, dialer=KEY, address="10.0.0.7:7700", ws=ws)  # type: ignore[arg-type]
+    return Link(key=KEY, dialer=KEY, address="10.0.0.7:7700", ws=ws,  # type: ignore[arg-type]
+                channel=idle_channel(ws))
 
 
 def test_a_link_superseded_while_it_came_up_does_not_mark_the_peer_up():

@@ -11,7 +11,9 @@ import pytest
 
 from node.common.state import SequenceCounter
 from node.peers.core import NodeCore
+from node.peers.handshake import LinkEnds, socketless_hellos
 from protocol.errors import ProtocolError
+from protocol.linkcrypto import Ephemeral
 from protocol.messages import Model, Relay
 from protocol.rounds import Commit, RoundMachine, RoundTimeouts
 from protocol.tensors import Tensor, weights_digest
@@ -28,12 +30,8 @@ def core(n: int, seed_model: list[Tensor] | None = None) -> NodeCore:
 
 
 def handshake(a: NodeCore, b: NodeCore) -> None:
-    """The three hellos of node.peers.transport, without the socket."""
-    na, nb = a.handshake.new_nonce(), b.handshake.new_nonce()
-    env1, h1 = b.handshake.accept(bytes(a.handshake.hello(na)), None)
-    env2, h2 = a.handshake.accept(bytes(b.handshake.hello(nb, echo=h1.nonce)), na)
-    env3, h3 = b.handshake.accept(bytes(a.handshake.hello(a.handshake.new_nonce(), echo=h2.nonce)), nb)
-    assert env3.sender == env1.sender
+    """The hellos of node.peers.transport, without the socket."""
+    (_, h2, _), (_, h3, _) = socketless_hellos(a.handshake, b.handshake)
     a.link_up(b.key, h2, "b", "pinned", 0.0)
     b.link_up(a.key, h3, "a", "pinned", 0.0)
 
@@ -45,19 +43,22 @@ def publish_round_one(aggregator: NodeCore) -> bytes:
     return aggregator.publish(model)
 
 
-def test_a_hello_that_does_not_echo_the_challenge_is_refused():
+def test_a_hello_that_names_other_ephemeral_keys_is_refused():
     a, b = core(1), core(2)
-    na = a.handshake.new_nonce()
-    b.handshake.accept(bytes(a.handshake.hello(na)), None)
-    with pytest.raises(ProtocolError, match="challenge"):
-        a.handshake.accept(bytes(b.handshake.hello(b.handshake.new_nonce(), echo=bytes(16))), na)
+    e_a, e_b, e_m = (Ephemeral.generate().public for _ in range(3))
+    ends_a = LinkEnds(ours=e_a, theirs=e_b)
+    for ends_b in (LinkEnds(ours=e_b, theirs=e_m),   # b's hello echoes another key
+                   LinkEnds(ours=e_m, theirs=e_a)):  # b's hello names another key as its own
+        with pytest.raises(ProtocolError, match="other ephemeral keys"):
+            a.handshake.accept(bytes(b.handshake.hello(ends_b)), ends_a)
+    a.handshake.accept(bytes(b.handshake.hello(LinkEnds(ours=e_b, theirs=e_a))), ends_a)
 
 
 def test_a_hello_from_a_node_with_another_genesis_is_refused():
     a, b = core(1), core(2, seed_model=weights(9.0))
     assert b.machine.genesis_digest != a.machine.genesis_digest
     with pytest.raises(ProtocolError, match="genesis"):
-        a.handshake.accept(bytes(b.handshake.hello(b.handshake.new_nonce())), None)
+        socketless_hellos(a.handshake, b.handshake)
 
 
 def test_a_lagging_node_applies_the_model_frame_re_served_by_its_aggregator():

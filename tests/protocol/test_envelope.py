@@ -37,9 +37,9 @@ def _messages() -> list:
     agg = identity(1).public_key
     model_weights = [f32("w", [0.25, 0.5, 0.75]), f32("b", [1.0])]
     return [
-        Hello(name="alice", nonce=bytes(range(16)), echo=bytes(16), port=7700,
+        Hello(name="alice", nonce=bytes(range(32)), echo=bytes(32), port=7700,
               genesis=b"\x11" * 32, round=3),
-        Hello(name="bob", nonce=b"\x22" * 16, echo=b"", port=0, genesis=b"\x33" * 32, round=0),
+        Hello(name="bob", nonce=b"\x22" * 32, echo=b"\x44" * 32, port=0, genesis=b"\x33" * 32, round=0),
         Update(round=4, attempt=1, base=b"\x44" * 32, num_examples=128, loss=0.125,
                train_seconds=2.5, weights=ALL_DTYPES),
         Model(round=4, attempt=0, aggregator=agg, contributors=(agg, identity(2).public_key),

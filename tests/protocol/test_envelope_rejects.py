@@ -304,7 +304,7 @@ def test_a_bool_where_a_number_is_expected_is_refused(mtype, field):
 
 
 @pytest.mark.parametrize("mtype,field,value", [
-    ("hello", "name", 5), ("hello", "nonce", "x" * 16), ("hello", "port", 1.0),
+    ("hello", "name", 5), ("hello", "nonce", "x" * 32), ("hello", "port", 1.0),
     ("update", "round", 1.0), ("update", "base", "b" * 32), ("update", "weights", {}),
     ("model", "contributors", b""), ("model", "digest", None), ("heartbeat", "state", 0),
     ("heartbeat", "ping_ts", "1"),

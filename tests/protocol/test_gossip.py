@@ -49,16 +49,16 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 
 ZERO_KEY = Identity.from_seed(bytes(32)).public_key
 SECRET = b"correct horse battery staple"
-CHALLENGE = bytes(range(16))
+CHALLENGE = bytes(range(32))  # the verifier's ephemeral key on a link
 
 K_MESSAGE = "666c2d6e6f64652f76312f66656465726174696f6e2d6b65790064656d6f"
 K = "adc2f35c609af29b9354e44abdc823ed14540c431b7c4ee731bb666ebe5bf753"
 PROOF_MESSAGE = (
     "666c2d6e6f64652f76312f66656465726174696f6e2d70726f6f660064656d6f00"
     "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29"
-    "000102030405060708090a0b0c0d0e0f"
+    "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
 )
-PROOF = "0f115b30bed7fa5ed08afe29993460710cb163bff302f0074ec7ff2509cafd48"
+PROOF = "2abc2c3b756fffa2bef1ceb9bb91de7b364796f3285433125735e02b3e481cd8"
 CREDENTIAL_MESSAGE = (
     "666c2d6e6f64652f76312f66656465726174696f6e2d63726564656e7469616c0064656d6f00"
     "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29"
@@ -95,7 +95,7 @@ def test_federation_key_vector():
 def test_federation_proof_vector():
     key = bytes.fromhex(K)
     message = PROOF_DOMAIN + b"demo" + b"\x00" + ZERO_KEY + CHALLENGE
-    assert message.hex() == PROOF_MESSAGE and len(message) == 81
+    assert message.hex() == PROOF_MESSAGE and len(message) == 97
     assert hmac.new(key, message, hashlib.sha256).hexdigest() == PROOF
     assert federation_proof(key, "demo", ZERO_KEY, CHALLENGE).hex() == PROOF
 
@@ -118,7 +118,7 @@ def test_a_proof_is_bound_to_the_secret_federation_prover_and_challenge():
     assert not check_federation_proof(federation_key(SECRET, "demo2"), "demo2",
                                       ZERO_KEY, CHALLENGE, proof)
     assert not check_federation_proof(key, "demo", other, CHALLENGE, proof)
-    assert not check_federation_proof(key, "demo", ZERO_KEY, bytes(16), proof)
+    assert not check_federation_proof(key, "demo", ZERO_KEY, bytes(32), proof)
     assert not check_federation_proof(key, "demo", ZERO_KEY, CHALLENGE, b"")
     assert not check_federation_proof(key, "demo", ZERO_KEY, CHALLENGE, proof[:31])
 
@@ -195,7 +195,7 @@ def test_a_relay_adds_at_most_216_bytes_plus_the_federation_name():
 
 
 NEW_MESSAGES = [
-    Hello(name="alice", nonce=bytes(16), echo=CHALLENGE, port=7700, genesis=b"\x11" * 32,
+    Hello(name="alice", nonce=bytes(32), echo=CHALLENGE, port=7700, genesis=b"\x11" * 32,
           round=2, proof=bytes.fromhex(PROOF)),
     Relay(ttl=0, to=ZERO_KEY, frame=bytes.fromhex(WORKED_EXAMPLE_HEX)),
     Announce(name="alice", addresses=("10.0.0.5:7700",), links=(ZERO_KEY,), round=3,

@@ -9,6 +9,7 @@ import pytest
 
 from node.common.state import SequenceCounter
 from node.peers.core import NodeCore, TrustPolicy
+from node.peers.handshake import socketless_hellos
 from protocol.envelope import decode
 from protocol.errors import ProtocolError
 from protocol.gossip import federation_key, federation_proof, frame_id
@@ -40,12 +41,10 @@ def core(n: int, trust: TrustPolicy | None = None, **kw) -> NodeCore:
 
 
 def link(a: NodeCore, b: NodeCore, now: float = 0.0) -> None:
-    """The three hellos, then admission on both sides (as node.peers.transport does)."""
-    na, nb = a.handshake.new_nonce(), b.handshake.new_nonce()
-    _, h1 = b.handshake.accept(bytes(a.handshake.hello(na)), None)
-    _, h2 = a.handshake.accept(bytes(b.handshake.hello(nb, echo=h1.nonce)), na)
-    _, h3 = b.handshake.accept(bytes(a.handshake.hello(a.handshake.new_nonce(), echo=h2.nonce)), nb)
-    trust_b, trust_a = a.handshake.admit(b.key, h2, na), b.handshake.admit(a.key, h3, nb)
+    """The hellos, then admission on both sides (as node.peers.transport does)."""
+    (_, h2, ends_a), (_, h3, ends_b) = socketless_hellos(a.handshake, b.handshake)
+    trust_b = a.handshake.admit(b.key, h2, ends_a.ours)
+    trust_a = b.handshake.admit(a.key, h3, ends_b.ours)
     assert trust_a and trust_b
     a.link_up(b.key, h2, "b", trust_b, now)
     b.link_up(a.key, h3, "a", trust_a, now)
@@ -77,16 +76,13 @@ def relays(sends, to: bytes) -> list[Relay]:
 # -- trust and admission (6.3, 6.4) ---------------------------------------------------
 
 
-def test_the_handshake_proof_is_bound_to_our_challenge():
+def test_the_handshake_proof_is_bound_to_our_ephemeral_key():
     a, b = core(1), core(2)
-    na = a.handshake.new_nonce()
-    _, h1 = b.handshake.accept(bytes(a.handshake.hello(na)), None)
-    assert h1.proof == b""  # hello 1 answers nothing, so it proves nothing
-    _, h2 = a.handshake.accept(bytes(b.handshake.hello(b.handshake.new_nonce(), echo=h1.nonce)), na)
-    assert h2.proof == federation_proof(FED_KEY, FED, b.key, na)
-    assert a.handshake.admit(b.key, h2, na) == "federation-secret"
-    assert a.handshake.admit(b.key, h2, bytes(16)) is None  # a proof for another challenge
-    assert core(3, TrustPolicy()).handshake.admit(b.key, h2, na) is None  # we have no secret
+    (_, h2, ends_a), _ = socketless_hellos(a.handshake, b.handshake)
+    assert h2.proof == federation_proof(FED_KEY, FED, b.key, ends_a.ours)
+    assert a.handshake.admit(b.key, h2, ends_a.ours) == "federation-secret"
+    assert a.handshake.admit(b.key, h2, bytes(32)) is None  # a proof for another link
+    assert core(3, TrustPolicy()).handshake.admit(b.key, h2, ends_a.ours) is None  # no secret
 
 
 def test_static_trust_reasons_in_order():

@@ -51,7 +51,7 @@ def tensor_map(name: str = "w", dtype: str = "float32", shape: Any = (2,),
 
 
 def hello_body(**changes: Any) -> dict[str, Any]:
-    body = {"name": "alice", "nonce": bytes(range(16)), "echo": b"", "port": 7700,
+    body = {"name": "alice", "nonce": bytes(range(32)), "echo": bytes(32), "port": 7700,
             "genesis": bytes(32), "round": 0, "proof": b""}
     body.update(changes)
     return body
