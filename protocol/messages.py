@@ -391,7 +391,26 @@ class PairAccept:
         return cls(b["name"], _bin("pair_accept", "requester", b["requester"], KEY_LEN))
 
 
-Message = Hello | Update | Delta | Model | Share | Heartbeat | Relay | Announce | PairRequest | PairAccept
+@dataclass(frozen=True)
+class PairRefuse:
+    """The answer to a pair_request that cannot be granted, with the reason for people."""
+
+    TYPE = "pair_refuse"
+    reason: str
+
+    def to_body(self) -> dict[str, Any]:
+        return {"reason": self.reason}
+
+    @classmethod
+    def from_body(cls, body: Any) -> PairRefuse:
+        b = _fields(body, "pair_refuse", {"reason": str})
+        if not 0 < len(b["reason"]) <= 200:
+            raise ProtocolError("pair_refuse.reason: 1 to 200 characters")
+        return cls(b["reason"])
+
+
+Message = (Hello | Update | Delta | Model | Share | Heartbeat | Relay | Announce | PairRequest
+           | PairAccept | PairRefuse)
 
 #: type name -> body decoder. A type not in here is refused.
 DECODERS: Mapping[str, Callable[[Any], Message]] = {
@@ -405,4 +424,5 @@ DECODERS: Mapping[str, Callable[[Any], Message]] = {
     Announce.TYPE: Announce.from_body,
     PairRequest.TYPE: PairRequest.from_body,
     PairAccept.TYPE: PairAccept.from_body,
+    PairRefuse.TYPE: PairRefuse.from_body,
 }

@@ -40,7 +40,13 @@ from node.runtime.control import NodeControl, NodeEvents
 from node.runtime.executor import Executor
 from node.runtime.jobs import Job, QueuedJob, advance
 from node.runtime.learner import Learner
-from node.trust.pair_flow import PAIR_PATH, Pairing, handle_pair_request
+from node.trust.pair_flow import (
+    OLD_PAIR_PATH,
+    PAIR_PATH,
+    Pairing,
+    handle_pair_request,
+    old_pair_path,
+)
 from node.trust.pairing import TokenBook
 from node.trust.policy import TrustPolicy
 from node.trust.store import TrustStore
@@ -186,7 +192,8 @@ class Node:
         async def pair(request: web.Request) -> web.StreamResponse:
             return await handle_pair_request(self, request)
 
-        peer_app.router.add_post(PAIR_PATH, pair)
+        peer_app.router.add_get(PAIR_PATH, pair)
+        peer_app.router.add_post(OLD_PAIR_PATH, old_pair_path)
         web_app = self._web_app()
         # Settle a web connection first thing, whatever the other middlewares answer.
         web_app.middlewares.insert(0, self.web_guard.middleware)

@@ -142,15 +142,16 @@ async def test_well_formed_records_keep_the_link_up(tmp_path, monkeypatch, no_le
 Relay = Callable[[web.WebSocketResponse, aiohttp.ClientWebSocketResponse], Awaitable[None]]
 
 
-async def _proxy(target_port: int, relay: Relay) -> tuple[web.AppRunner, int]:
-    """A man in the middle at a port of its own: each link dialed to it is dialed on to
-    ``target_port``, and ``relay`` moves what passes between the two sockets."""
+async def _proxy(target_port: int, relay: Relay, path: str = LINK_PATH
+                 ) -> tuple[web.AppRunner, int]:
+    """A man in the middle at a port of its own: each WebSocket opened on ``path`` there
+    is opened on to ``target_port``, and ``relay`` moves what passes between the two."""
     session = aiohttp.ClientSession()
 
     async def handle(request: web.Request) -> web.StreamResponse:
         inner = web.WebSocketResponse(max_msg_size=0)
         await inner.prepare(request)
-        async with session.ws_connect(f"http://127.0.0.1:{target_port}{LINK_PATH}",
+        async with session.ws_connect(f"http://127.0.0.1:{target_port}{path}",
                                       max_msg_size=0) as outer:
             try:
                 await relay(inner, outer)
@@ -160,7 +161,7 @@ async def _proxy(target_port: int, relay: Relay) -> tuple[web.AppRunner, int]:
         return inner
 
     app = web.Application()
-    app.router.add_get(LINK_PATH, handle)
+    app.router.add_get(path, handle)
     app.on_cleanup.append(lambda _: session.close())
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
