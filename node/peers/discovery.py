@@ -29,7 +29,7 @@ from typing import Protocol
 from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from node.trust.pair_flow import DialingNode
+from node.peers.pair_flow import DialingNode
 from protocol.envelope import PROTOCOL_VERSION
 from protocol.identity import node_id_from_key
 

@@ -34,19 +34,19 @@ from node.common.health import Health, describe
 from node.common.wsclose import close_ws
 from node.config import NodeConfig
 from node.peers.core import NodeCore
-from node.peers.transport import Link, PeerTransport, now
-from node.runtime.checkpoints import NodeDB
-from node.runtime.control import NodeControl, NodeEvents
-from node.runtime.executor import Executor
-from node.runtime.jobs import Job, QueuedJob, advance
-from node.runtime.learner import Learner
-from node.trust.pair_flow import (
+from node.peers.pair_flow import (
     OLD_PAIR_PATH,
     PAIR_PATH,
     Pairing,
     handle_pair_request,
     old_pair_path,
 )
+from node.peers.transport import Link, PeerTransport, now
+from node.runtime.checkpoints import NodeDB
+from node.runtime.control import NodeControl, NodeEvents
+from node.runtime.executor import Executor
+from node.runtime.jobs import Job, QueuedJob, advance
+from node.runtime.learner import Learner
 from node.trust.pairing import TokenBook
 from node.trust.policy import TrustPolicy
 from node.trust.store import TrustStore

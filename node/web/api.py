@@ -12,11 +12,23 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from node.trust.pair_flow import Pairing
-from node.trust.pairing import DEFAULT_TTL_S, PairingError
+from node.trust.pairing import DEFAULT_TTL_S, PairingError, PairingOffer
+from node.trust.store import TrustedPeer
 from node.web.dashboard import Controllable, add_dashboard
 from node.web.httputil import bearer_ok, json_object, refuse
 from node.web.hub import EventHub
+
+
+class PairingService(Protocol):
+    """What the API needs of a node's pairing (node.peers.pair_flow.Pairing provides it)."""
+
+    def offer(self, ttl_s: float) -> PairingOffer: ...
+
+    async def pair_with(self, uri: str) -> tuple[str, str]: ...
+
+    def entries(self) -> list[TrustedPeer]: ...
+
+    async def remove(self, ident: str) -> TrustedPeer | None: ...
 
 
 class WebNode(Protocol):
@@ -41,7 +53,7 @@ class WebNode(Protocol):
     def control(self) -> Controllable: ...
 
     @property
-    def pairing(self) -> Pairing: ...
+    def pairing(self) -> PairingService: ...
 
     def status(self) -> dict[str, Any]: ...
 

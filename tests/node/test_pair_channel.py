@@ -9,7 +9,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from node.trust.pair_flow import OLD_PAIR_PATH, PAIR_PATH
+from node.peers.pair_flow import OLD_PAIR_PATH, PAIR_PATH
 from node.trust.pairing import PairingError, PairingOffer
 
 from .test_channel import _node, _pass_through, _proxy
@@ -62,7 +62,7 @@ async def test_the_old_plain_http_pairing_is_told_to_upgrade(tmp_path, no_leaked
 async def test_a_pairing_that_stalls_gives_up(tmp_path, no_leaked_tasks, monkeypatch):
     """A node that opens the channel and then says nothing costs the requester the
     pairing timeout, not forever."""
-    monkeypatch.setattr("node.trust.pair_flow.PAIR_TIMEOUT", 1.0)
+    monkeypatch.setattr("node.peers.pair_flow.PAIR_TIMEOUT", 1.0)
     a, b = _node(tmp_path, 0), _node(tmp_path, 1)
 
     async def silent(inner, outer) -> None:
