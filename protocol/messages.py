@@ -409,8 +409,40 @@ class PairRefuse:
         return cls(b["reason"])
 
 
+@dataclass(frozen=True)
+class GenesisRequest:
+    """Ask a linked member for the genesis model (a node that cannot build it itself)."""
+
+    TYPE = "genesis_request"
+
+    def to_body(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_body(cls, body: Any) -> GenesisRequest:
+        _fields(body, "genesis_request", {})
+        return cls()
+
+
+@dataclass(frozen=True)
+class Genesis:
+    """The genesis model (round 0), answering a GenesisRequest: its tensors' digest is the
+    genesis hash of the hellos (docs/protocol.md 5, 9.8)."""
+
+    TYPE = "genesis"
+    weights: list[Tensor] = field(repr=False)
+
+    def to_body(self) -> dict[str, Any]:
+        return {"weights": weights_to_wire(self.weights)}
+
+    @classmethod
+    def from_body(cls, body: Any) -> Genesis:
+        b = _fields(body, "genesis", {"weights": list})
+        return cls(weights_from_wire(b["weights"]))
+
+
 Message = (Hello | Update | Delta | Model | Share | Heartbeat | Relay | Announce | PairRequest
-           | PairAccept | PairRefuse)
+           | PairAccept | PairRefuse | GenesisRequest | Genesis)
 
 #: type name -> body decoder. A type not in here is refused.
 DECODERS: Mapping[str, Callable[[Any], Message]] = {
@@ -425,4 +457,6 @@ DECODERS: Mapping[str, Callable[[Any], Message]] = {
     PairRequest.TYPE: PairRequest.from_body,
     PairAccept.TYPE: PairAccept.from_body,
     PairRefuse.TYPE: PairRefuse.from_body,
+    GenesisRequest.TYPE: GenesisRequest.from_body,
+    Genesis.TYPE: Genesis.from_body,
 }

@@ -42,6 +42,8 @@ from protocol.identity import Identity, node_id_from_key
 from protocol.messages import (
     Announce,
     Delta,
+    Genesis,
+    GenesisRequest,
     Heartbeat,
     Hello,
     Message,
@@ -51,11 +53,14 @@ from protocol.messages import (
     Update,
 )
 from protocol.rounds import RoundMachine
+from protocol.tensors import Tensor
 
 log = logging.getLogger(__name__)
 
 #: A peer that still reports being behind is served our model again after this long.
 RESERVE_S = 5.0
+#: A member gets the genesis model at most this often (it is a whole model).
+GENESIS_INTERVAL_S = 60.0
 #: Bytes a relay adds around the frame it carries (envelope fields, ttl, to, headers).
 RELAY_OVERHEAD = 1024
 
@@ -104,6 +109,9 @@ class NodeCore:
         self.addresses: tuple[str, ...] = ()
         self.counters = Counters()
         self._sends: list[tuple[bytes, bytes | bytearray]] = []
+        #: The genesis model's tensors, served to a member that asks (a node that cannot
+        #: build it itself); None: not served.
+        self.genesis: list[Tensor] | None = None
         #: The signed frame of the global model we hold, re-served to peers that are behind.
         self.latest_model_frame: bytes | None = None
         #: Its aggregator: when that one goes down, we re-serve its model to our links
@@ -213,6 +221,18 @@ class NodeCore:
         st.served_round = self.machine.completed
         st.served_at = now if now is not None else st.served_at
         self._send(link, self.frame(Relay(ttl=0, to=link, frame=frame)))
+
+    def _serve_genesis(self, sender: bytes, link: bytes | None, now: float) -> None:
+        """Answer a linked member's genesis_request, at most once a minute per member."""
+        st = self.known.get(sender)
+        if link is None or st is None or not st.member:
+            raise ProtocolError("genesis_request not from a linked member")
+        if self.genesis is None:
+            raise ProtocolError("this node does not serve the genesis model")
+        if now - st.genesis_at < GENESIS_INTERVAL_S:
+            raise ProtocolError("genesis_request again within a minute")
+        st.genesis_at = now
+        self._send(link, self.frame(Genesis(self.genesis)))
 
     # -- trust and links --------------------------------------------------------------
 
@@ -331,6 +351,8 @@ class NodeCore:
             self.machine.on_share(env.sender, msg, now)
         elif isinstance(msg, Model):
             self._on_model(env.sender, msg, frame, now)
+        elif isinstance(msg, GenesisRequest):
+            self._serve_genesis(env.sender, link, now)
         elif isinstance(msg, Hello):
             raise ProtocolError("hello after the handshake")
         elif isinstance(msg, Relay):

@@ -28,6 +28,8 @@ class PeerStats:
     member: bool = False
     served_round: int = -1
     served_at: float = float("-inf")
+    #: When we last sent it the genesis model (it asked: docs/protocol.md 9.8).
+    genesis_at: float = float("-inf")
     #: Failed checks of what it sent (node.peers.checks), the last reason, and whether
     #: it was cut off for them.
     strikes: int = 0

@@ -60,9 +60,10 @@ def build_node(config: NodeConfig, learner: Learner) -> Node:
     state_dir.mkdir(parents=True, exist_ok=True)
     identity = load_or_create_identity(state_dir)
     genesis = {k: np.asarray(v, order="C") for k, v in learner.initial_weights().items()}
+    genesis_tensors = to_tensors(genesis)
     machine = RoundMachine(
         self_key=identity.public_key, federation=config.federation, rounds_total=config.rounds,
-        genesis=to_tensors(genesis), wait_peers=config.effective_wait_peers,
+        genesis=genesis_tensors, wait_peers=config.effective_wait_peers,
         quorum=config.quorum, timeouts=round_timeouts(config.round_timeout,
                                                       config.start_timeout))
     trust_store = TrustStore(state_dir)
@@ -79,6 +80,9 @@ def build_node(config: NodeConfig, learner: Learner) -> Node:
         # Relayed members expire after three silent intervals, and never sooner than 6 s,
         # so a busy node or a slow relay does not drop them spuriously.
         member_timeout=max(3 * config.announce_interval, 6.0))
+    # Kept to serve a member that cannot build the genesis model itself (another
+    # implementation: docs/protocol.md 9.8); one copy of the model's bytes.
+    core.genesis = genesis_tensors
     checkpoints = CheckpointStore(state_dir)
     db = NodeDB(state_dir)
     health = Health()

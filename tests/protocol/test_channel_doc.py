@@ -10,7 +10,7 @@ from node.peers.channel import RECORD_MAX
 from protocol.envelope import encode
 from protocol.identity import Identity
 from protocol.linkcrypto import REKEY_CONTEXT, REKEY_RECORDS
-from protocol.messages import NONCE_LEN, PairRefuse
+from protocol.messages import NONCE_LEN, GenesisRequest, PairRefuse
 
 from . import test_linkcrypto as vectors
 
@@ -44,6 +44,12 @@ def test_the_pair_refuse_vector():
                          seq=1, ts_ms=1_700_000_000_000, federation="demo"))
     assert _joined('federation `"demo"`, 190 bytes:') == frame.hex()
     assert len(frame) == 190
+
+
+def test_the_genesis_request_vector():
+    frame = bytes(encode(Identity.from_seed(bytes(32)), GenesisRequest(), seq=1,
+                         ts_ms=1_700_000_000_000, federation="demo"))
+    assert _joined('federation `"demo"`, 165 bytes:') == frame.hex()
 
 
 def test_the_documented_limits_are_the_code_s():
