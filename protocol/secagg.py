@@ -233,6 +233,18 @@ def combine(shares: Mapping[int, bytes], t: int) -> bytes:
     return value.to_bytes(SEED_BYTES, "big")
 
 
+def commit_seed(context: bytes, seed: bytes) -> bytes:
+    """What a member publishes of its self seed, so that a seed rebuilt from shares can be
+    checked (bad shares cannot pass for the seed)."""
+    return hashlib.blake2b(context + seed, digest_size=32, person=b"fl-secagg-commit").digest()
+
+
+def mask_public_of(mask_secret: bytes) -> bytes:
+    """The mask public key of a rebuilt mask secret key (to check it against the roster)."""
+    public: bytes = sodium.crypto_scalarmult_base(mask_secret)
+    return public
+
+
 def share_key(share_secret: bytes, share_public: bytes, their_share_public: bytes) -> bytes:
     """The key that seals shares between two members (the same from either side)."""
     return _agree(share_secret, share_public, their_share_public, _SHARE_PERSON)
