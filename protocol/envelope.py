@@ -218,6 +218,26 @@ def _split_frame(frame: memoryview) -> tuple[memoryview, bytes]:
     return frame[off:end], bytes(frame[end + 2 :])
 
 
+def announced_length(head: bytes | bytearray | memoryview) -> int | None:
+    """The length of the frame that begins with ``head`` (its first 6 bytes suffice), as
+    its msgpack headers announce it; None if ``head`` does not begin like a frame. Only a
+    hint, to size a buffer before the rest arrives (node.peers.channel): ``decode`` checks
+    the frame."""
+    head = memoryview(head).cast("B")[:6]
+    if head.nbytes < 6 or head[0] != 0x92:
+        return None
+    tag = head[1]
+    if tag == 0xC4:
+        length, off = head[2], 3
+    elif tag == 0xC5:
+        length, off = struct.unpack_from(">H", head, 2)[0], 4
+    elif tag == 0xC6:
+        length, off = struct.unpack_from(">I", head, 2)[0], 6
+    else:
+        return None
+    return int(off + length + 66)
+
+
 def decode(frame: bytes | bytearray | memoryview, *,
            max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Envelope:
     """Check size, signature, version, type and body of a frame; ProtocolError if bad.

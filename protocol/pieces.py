@@ -65,3 +65,22 @@ class Reassembler:
             return None
         frame, self._buffer = self._buffer, bytearray()
         return frame
+
+    @property
+    def joined(self) -> int:
+        """Bytes of the frame in progress joined so far (0 between frames)."""
+        return len(self._buffer)
+
+    def detach(self) -> bytearray:
+        """Hand over the frame in progress, its bytes so far, to be continued elsewhere
+        (node.peers.channel opens whole pieces straight into it on worker threads); this
+        reassembler holds nothing until ``attach``."""
+        buffer, self._buffer = self._buffer, bytearray()
+        return buffer
+
+    def attach(self, buffer: bytearray) -> None:
+        """Take back the frame in progress, ``buffer`` its bytes so far: the detached one
+        continued with whole ``MORE`` pieces (checked elsewhere), within the cap."""
+        if self._buffer or len(buffer) % PIECE_MAX or len(buffer) > self.limit:
+            raise ValueError("attach takes a frame of whole pieces within the cap")
+        self._buffer = buffer

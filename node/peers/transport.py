@@ -325,7 +325,9 @@ class PeerTransport:
                 self._reject(link, f"unexpected websocket frame type {msg.type.name}")
             else:
                 try:
-                    frame = link.channel.open(msg.data)
+                    # Returns at once for most records of a large frame: their pieces are
+                    # opened on worker threads while the next records arrive.
+                    frame = await link.channel.take(msg.data)
                 except ProtocolError as exc:
                     self._reject(link, exc.reason)
                     log.warning("cutting link to %s: its records cannot be read",

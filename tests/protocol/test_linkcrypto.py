@@ -104,3 +104,56 @@ def test_fresh_ephemerals_differ():
     assert Ephemeral.generate().public != Ephemeral.generate().public
     e = Ephemeral.generate()
     assert e.secret.hex() not in repr(e) and repr(e.secret) not in repr(e)
+
+
+# -- the in-place primitives the pipelined channel uses (node.peers.channel) ------------
+
+
+def test_seal_into_writes_the_record_seal_makes(monkeypatch):
+    monkeypatch.setattr(linkcrypto, "REKEY_RECORDS", 3)  # reserve follows the rekeys too
+    d_tx, _ = session_keys(DIALER, ACCEPTOR.public, dialer=True)
+    sealer, reserved = Sealer(d_tx), Sealer(d_tx)
+    for i, size in enumerate([0, 1, 7, 65537, 100, 65537, 3]):
+        plaintext = bytes((i + j) % 256 for j in range(size))
+        record = bytearray(plaintext + bytes(linkcrypto.TAG_BYTES))
+        number, key, nonce = reserved.reserve()
+        linkcrypto.seal_into(memoryview(record), key, nonce)
+        assert number == i
+        assert bytes(record) == sealer.seal(plaintext)
+    assert reserved.records == sealer.records == 7
+    assert [reserved.seal(b"x")] == [sealer.seal(b"x")]  # the counters stayed in step
+
+
+def test_open_into_opens_what_open_opens_with_the_same_reasons(monkeypatch):
+    monkeypatch.setattr(linkcrypto, "REKEY_RECORDS", 3)
+    d_seal, a_open, _, _ = _pair()
+    d_tx, _ = session_keys(DIALER, ACCEPTOR.public, dialer=True)
+    reserved = Opener(d_tx)
+    records = [d_seal.seal(b"piece %d" % i) for i in range(7)]
+    for i, record in enumerate(records):
+        out = bytearray(b"<" + bytes(40) + b">")
+        linkcrypto.open_into(out, 1, record, reserved.reserve())
+        assert bytes(out[1:1 + len(record) - 16]) == a_open.open(record) == b"piece %d" % i
+        assert out[0:1] == b"<" and out[-1:] == b">"  # nothing written outside its place
+    bad = bytearray(d_seal.seal(b"next"))
+    bad[5] ^= 1
+    with pytest.raises(ProtocolError) as sequential:
+        a_open.open(bytes(bad))
+    with pytest.raises(ProtocolError) as in_place:
+        linkcrypto.open_into(bytearray(64), 0, bytes(bad), reserved.reserve())
+    assert in_place.value.reason == sequential.value.reason == (
+        "record 7 does not authenticate (altered, replayed, reordered or from another link)")
+    with pytest.raises(ProtocolError, match=r"record of 10 bytes \(at least 16 expected\)"):
+        linkcrypto.open_into(bytearray(64), 0, bytes(10), reserved.reserve())
+    with pytest.raises(ValueError):
+        linkcrypto.open_into(bytearray(3), 0, records[0], (0, d_tx, bytes(24)))
+
+
+def test_peek_is_the_first_plaintext_byte_of_the_next_record_and_takes_nothing():
+    d_seal, a_open, _, _ = _pair()
+    for first in (0x00, 0x01, 0x92, 0xFF):
+        record = d_seal.seal(bytes([first]) + b"rest of the piece")
+        assert a_open.peek(record) == first
+        assert a_open.peek(record) == first  # still the next record
+        assert a_open.open(record)[0] == first
+    assert a_open.peek(b"") == -1
