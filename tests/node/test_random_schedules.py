@@ -4,7 +4,10 @@ every seed; a failure names its seed."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
@@ -18,22 +21,37 @@ MAX_MINORITY_SPLITS = 0.01
 MAX_STRANDED = 0.01
 
 
+def _check(seed: int) -> Counter[str]:
+    """Check one seed; count whether the schedule sent some node offline, sent compressed
+    updates, stopped a node on its budget, let a second model for a round reach a
+    minority, had a node join (and whether that join had no other disturbance around it),
+    and left a node stranded."""
+    sim = run_schedule(seed)
+    check_invariants(sim, seed, sim.nodes[0].core.machine.rounds_total)
+    return Counter({
+        "offline": any(n.offline_steps for n in sim.nodes),
+        "compressed": sim.nodes[0].executor.codec.name != "none",
+        "budget": any(n.executor.stopped_reason for n in sim.nodes),
+        "splits": split_rounds(sim) > 0,
+        "joins": bool(sim.journal.joins),
+        "quiet joins": check_joins(sim, seed),
+        "stranded": bool(stranded(sim)),
+    })
+
+
 def _run(seeds: range) -> Counter[str]:
-    """Check every seed; count the schedules that sent some node offline, sent compressed
-    updates, stopped a node on its budget, in which a second model for a round reached a
-    minority, in which a node joined (and those whose join had no other disturbance
-    around it), and that left a node stranded."""
+    """Check every seed (``_check``), on every core: the schedules are independent and
+    each is seeded, so the counts do not depend on how they are shared out."""
     seen: Counter[str] = Counter()
-    for seed in seeds:
-        sim = run_schedule(seed)
-        check_invariants(sim, seed, sim.nodes[0].core.machine.rounds_total)
-        seen["offline"] += any(n.offline_steps for n in sim.nodes)
-        seen["compressed"] += sim.nodes[0].executor.codec.name != "none"
-        seen["budget"] += any(n.executor.stopped_reason for n in sim.nodes)
-        seen["splits"] += split_rounds(sim) > 0
-        seen["joins"] += bool(sim.journal.joins)
-        seen["quiet joins"] += check_joins(sim, seed)
-        seen["stranded"] += bool(stranded(sim))
+    workers = min(len(seeds), os.cpu_count() or 1)
+    if workers < 2:
+        for seed in seeds:
+            seen.update(_check(seed))
+        return seen
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        for counts in pool.map(_check, seeds, chunksize=max(1, len(seeds) // (4 * workers))):
+            seen.update(counts)
     return seen
 
 
