@@ -322,12 +322,10 @@ class SecureAggregator:
         return secagg.unmask(total, self.survivors, dropped, seeds, publics, graph_u1)
 
 
-def exchange(members: Mapping[bytes, SecureMember], aggregator: SecureAggregator, *,
-             sent_masked: set[bytes] | None = None, answering: set[bytes] | None = None,
-             ) -> np.ndarray:
-    """One whole round in memory (tests, the simulation): ``sent_masked`` send their
-    masked input (default all), ``answering`` answer the unmask request (default all that
-    sent). Returns the unmasked sum."""
+def through_masked(members: Mapping[bytes, SecureMember], aggregator: SecureAggregator,
+                   sent_masked: set[bytes] | None = None) -> None:
+    """The first steps of a round in memory (tests, the simulation): keys, roster, shares,
+    delivery, and the masked inputs of ``sent_masked`` (default: every member)."""
     agg_key = next(iter(members.values())).aggregator
     for key, member in members.items():
         aggregator.on_keys(key, member.keys())
@@ -338,6 +336,15 @@ def exchange(members: Mapping[bytes, SecureMember], aggregator: SecureAggregator
     sent_masked = set(deliveries) if sent_masked is None else sent_masked
     for key in sorted(sent_masked):
         aggregator.on_masked(key, members[key].on_deliver(agg_key, deliveries[key]))
+
+
+def exchange(members: Mapping[bytes, SecureMember], aggregator: SecureAggregator, *,
+             sent_masked: set[bytes] | None = None, answering: set[bytes] | None = None,
+             ) -> np.ndarray:
+    """One whole round in memory: ``through_masked``, then the unmasking, answered by
+    ``answering`` (default: every member that sent its masked input). Returns the sum."""
+    through_masked(members, aggregator, sent_masked)
+    agg_key = next(iter(members.values())).aggregator
     request = aggregator.unmask_request()
     answering = set(request.survivors) if answering is None else answering
     for key in sorted(answering):

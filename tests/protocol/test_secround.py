@@ -13,7 +13,7 @@ import pytest
 
 from protocol import secagg
 from protocol.errors import ProtocolError
-from protocol.secround import SecureAggregator, SecureMember, Unmask, exchange
+from protocol.secround import SecureAggregator, SecureMember, Unmask, exchange, through_masked
 
 AGG = hashlib.sha256(b"aggregator").digest()
 LENGTH = 129
@@ -54,16 +54,8 @@ def test_dropouts_before_and_after_masking():
 
 def test_an_aggregator_crash_after_masked_inputs_leads_to_a_fresh_correct_attempt():
     members, inputs = members_of(5, attempt=0)
-    agg = aggregator(5)
-    for key, member in members.items():
-        agg.on_keys(key, member.keys())
-    roster = agg.roster()
-    for key, member in members.items():
-        agg.on_shares(key, member.on_roster(AGG, roster))
-    deliveries = agg.deliveries()
-    for key, member in members.items():
-        agg.on_masked(key, member.on_deliver(AGG, deliveries[key]))
-    # ... the aggregator dies here. The next one runs attempt 1 with fresh secrets:
+    through_masked(members, aggregator(5))
+    # ... the aggregator dies here, holding every masked input. The next one runs attempt 1 with fresh secrets:
     retry, _ = members_of(5, attempt=1)
     got = exchange(retry, aggregator(5, attempt=1))
     assert close(got, inputs, members)
