@@ -5,7 +5,8 @@ libsodium primitives only. A round's members are a sorted list of public keys; e
 member ``u``:
 
 1. quantizes its example-weighted update ``n_u * delta_u`` (and ``n_u`` itself, as one
-   more coordinate) to fixed point in the ring Z/2^64 (``quantize``);
+   more coordinate) to fixed point in the ring Z/2^48 (``quantize``), which travels as 6
+   bytes an element (``pack``): 1.5 times a float32 update;
 2. makes, for this round and attempt only, a *mask* key pair and a *share* key pair
    (X25519) and a 32-byte self-mask seed ``b_u`` (``RoundSecrets``);
 3. agrees a pairwise seed with each neighbour ``v`` of a sparse graph (``neighbours``: k
@@ -26,7 +27,8 @@ refuses to give both kinds for one member), rebuilds those secrets from ``t`` sh
 each, and removes the masks (``unmask``): it obtains the sum of the survivors' quantized
 inputs and nothing more. ``PRG(seed)`` is libsodium's ``randombytes_buf_deterministic``
 (ChaCha20-IETF keystream under key ``seed``, nonce "LibsodiumDRG"), read as
-little-endian u64.
+little-endian u64 and taken modulo 2^48. Arithmetic runs in uint64 (modulo 2^64) and is
+reduced modulo 2^48 where a value leaves a party: 2^48 divides 2^64, so that is exact.
 """
 
 from __future__ import annotations
@@ -43,13 +45,17 @@ from nacl.exceptions import CryptoError
 
 from protocol.errors import ProtocolError
 
-#: Fixed point: a value v is round(v * 2^SCALE_BITS) in two's complement modulo 2^64.
-SCALE_BITS = 24
-#: The sum of all members' |n_u * delta_u| per coordinate must stay below this (2^39, about
-#: 5.5e11) so that it reads back unambiguously; ``quantize`` refuses larger inputs
-#: per member (``MEMBER_LIMIT``) so that 2^MAX_MEMBERS_BITS members cannot overflow.
-MAX_MEMBERS_BITS = 10
-MEMBER_LIMIT = 2.0 ** (63 - SCALE_BITS - MAX_MEMBERS_BITS)
+#: The ring: Z/2^RING_BITS.
+RING_BITS = 48
+RING_MASK = np.uint64((1 << RING_BITS) - 1)
+#: Fixed point: a value v is round(v * 2^SCALE_BITS) in two's complement modulo 2^48.
+SCALE_BITS = 20
+#: The sum of all members' |n_u * delta_u| per coordinate must stay below 2^(47 -
+#: SCALE_BITS) (about 1.3e8) to read back unambiguously; ``quantize`` refuses a member's
+#: value of ``MEMBER_LIMIT`` (2^19 = 524,288) or more, so that up to 2^MAX_MEMBERS_BITS
+#: (256) members cannot overflow.
+MAX_MEMBERS_BITS = 8
+MEMBER_LIMIT = 2.0 ** (RING_BITS - 1 - SCALE_BITS - MAX_MEMBERS_BITS)
 #: The Shamir field: the Mersenne prime 2^521 - 1 (a 32-byte secret is far below it).
 PRIME = (1 << 521) - 1
 SHARE_BYTES = 66
@@ -64,7 +70,7 @@ _GRAPH_PERSON = b"fl-secagg-graph\x00"
 
 
 def quantize(values: np.ndarray) -> np.ndarray:
-    """``values`` (float) as fixed-point elements of Z/2^64 (uint64); ValueError if any is
+    """``values`` (float) as fixed-point elements of Z/2^48 (uint64); ValueError if any is
     not finite or too large for a member (``MEMBER_LIMIT``)."""
     values = np.asarray(values, dtype=np.float64)
     if not np.all(np.isfinite(values)):
@@ -72,13 +78,30 @@ def quantize(values: np.ndarray) -> np.ndarray:
     if values.size and float(np.max(np.abs(values))) >= MEMBER_LIMIT:
         raise ValueError(f"a value of magnitude {float(np.max(np.abs(values))):.3g} is over"
                          f" what secure aggregation can sum ({MEMBER_LIMIT:.3g})")
-    return np.rint(values * 2.0 ** SCALE_BITS).astype(np.int64).view(np.uint64)
+    return np.rint(values * 2.0 ** SCALE_BITS).astype(np.int64).view(np.uint64) & RING_MASK
 
 
 def dequantize(total: np.ndarray) -> np.ndarray:
     """A sum of quantized values, back to float (two's complement read as signed)."""
-    return np.asarray(total, dtype=np.uint64).view(np.int64).astype(np.float64) \
-        / 2.0 ** SCALE_BITS
+    ring = np.asarray(total, dtype=np.uint64) & RING_MASK
+    signed = ring.astype(np.int64) - np.where(ring >> np.uint64(RING_BITS - 1),
+                                              np.int64(1 << RING_BITS), np.int64(0))
+    return signed.astype(np.float64) / 2.0 ** SCALE_BITS
+
+
+def pack(values: np.ndarray) -> bytes:
+    """Elements of Z/2^48 as 6 little-endian bytes each (the wire form)."""
+    ring = (np.asarray(values, dtype=np.uint64) & RING_MASK).astype("<u8")
+    return ring.view(np.uint8).reshape(-1, 8)[:, :6].tobytes()
+
+
+def unpack(data: bytes, length: int) -> np.ndarray:
+    """``pack``'s inverse (ProtocolError unless ``data`` holds exactly ``length`` elements)."""
+    if len(data) != 6 * length:
+        raise ProtocolError(f"{len(data)} bytes for {length} ring elements of 6 bytes")
+    wide = np.zeros((length, 8), dtype=np.uint8)
+    wide[:, :6] = np.frombuffer(data, dtype=np.uint8).reshape(length, 6)
+    return wide.view("<u8").reshape(length).astype(np.uint64)
 
 
 def quantization_error_bound(members: int) -> float:
@@ -172,13 +195,13 @@ def threshold(degree: int) -> int:
 def masked_input(quantized: np.ndarray, secrets: RoundSecrets, me: bytes,
                  their_masks: Mapping[bytes, bytes]) -> np.ndarray:
     """``y = q + PRG(b) + sum of sign(me, v) * PRG(s_v)`` over ``their_masks`` (each
-    neighbour's mask public key), in Z/2^64."""
+    neighbour's mask public key), in Z/2^48."""
     n = quantized.size
     out = quantized.astype(np.uint64) + prg(secrets.self_seed, n)
     for key, public in their_masks.items():
         mask = prg(pair_seed(secrets.mask_secret, secrets.mask_public, public), n)
         out = out + mask if sign(me, key) > 0 else out - mask
-    return out
+    return out & RING_MASK
 
 
 # -- Shamir secret sharing --------------------------------------------------------------
@@ -311,4 +334,4 @@ def unmask(total: np.ndarray, survivors: Sequence[bytes], dropped_masks: Mapping
             seed = pair_seed(secret, mask_publics[gone], mask_publics[other])
             mask = prg(seed, n)
             out = out - mask if sign(other, gone) > 0 else out + mask
-    return out
+    return out & RING_MASK

@@ -99,7 +99,7 @@ def _share_context(ctx: bytes, sender: bytes, recipient: bytes) -> bytes:
 
 
 class SecureMember:
-    """A member's side: its quantized input (``quantized``, in Z/2^64), fresh secrets."""
+    """A member's side: its quantized input (``quantized``, in Z/2^48), fresh secrets."""
 
     def __init__(self, me: bytes, aggregator: bytes, round_number: int, attempt: int,
                  quantized: np.ndarray, secrets: RoundSecrets | None = None) -> None:

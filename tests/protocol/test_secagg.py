@@ -133,9 +133,11 @@ def test_a_masked_input_is_uniform_and_uncorrelated_with_the_update():
     update = np.linspace(-100, 100, 200_000)
     q = secagg.quantize(update)
     y = secagg.masked_input(q, secrets[me], me, {v: secrets[v].mask_public for v in members[1:]})
-    # uniform: the 256 values of the top byte are equally frequent (chi-square, 255 dof;
-    # 330.5 is the 0.1% critical value)
-    counts = np.bincount((y >> np.uint64(56)).astype(np.int64), minlength=256)
+    # in the ring, and uniform: the 256 values of its top byte are equally frequent
+    # (chi-square, 255 dof; 330.5 is the 0.1% critical value)
+    assert int(y.max()) < 1 << secagg.RING_BITS
+    counts = np.bincount((y >> np.uint64(secagg.RING_BITS - 8)).astype(np.int64),
+                         minlength=256)
     expected = y.size / 256
     chi2 = float(np.sum((counts - expected) ** 2 / expected))
     assert chi2 < 330.5, chi2
@@ -193,3 +195,13 @@ def test_shamir_rebuilds_from_any_t_shares_only():
         assert secagg.combine({x: shares[x] for x in pick}, 3) == secret
     with pytest.raises(ProtocolError, match="2 shares, 3 needed"):
         secagg.combine({1: shares[1], 2: shares[2]}, 3)
+
+
+def test_ring_elements_travel_as_six_bytes_each():
+    values = secagg.quantize(np.array([-3.25, 0.0, 2.5, 524_287.0]))
+    data = secagg.pack(values)
+    assert len(data) == 6 * 4  # 1.5 times float32
+    assert np.array_equal(secagg.unpack(data, 4), values)
+    assert secagg.dequantize(secagg.unpack(data, 4)).tolist() == [-3.25, 0.0, 2.5, 524_287.0]
+    with pytest.raises(ProtocolError, match="25 bytes for 4 ring elements"):
+        secagg.unpack(data + b"x", 4)
