@@ -12,9 +12,12 @@ trusted, if at all.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from node.common.wsclose import AnyWebSocket
+from node.peers.channel import Channel, open_acceptor, open_dialer
 from protocol.envelope import Envelope
 from protocol.errors import ProtocolError
 from protocol.gossip import federation_proof
@@ -77,6 +80,25 @@ class Handshake:
             raise ProtocolError("peer trains another model (genesis hash differs:"
                                 " check --dataset, --model and --seed)")
         return env, msg
+
+    async def as_acceptor(self, ws: AnyWebSocket) -> tuple[Channel, Envelope, Hello]:
+        """The acceptor's side on a fresh WebSocket (links and pairing alike): the key
+        exchange, our hello, the peer's hello checked."""
+        channel = await open_acceptor(ws)
+        await channel.send(self.hello(channel))
+        env, hello = self.accept(await channel.receive_frame(), channel)
+        return channel, env, hello
+
+    async def as_dialer(self, ws: AnyWebSocket, check_key: Callable[[bytes], None]
+                        ) -> tuple[Channel, Envelope, Hello]:
+        """The dialer's side: the key exchange, the acceptor's hello checked, then
+        ``check_key`` on its signer (it raises to refuse an impostor before we have said
+        who we are), then our hello."""
+        channel = await open_dialer(ws)
+        env, hello = self.accept(await channel.receive_frame(), channel)
+        check_key(env.sender)
+        await channel.send(self.hello(channel))
+        return channel, env, hello
 
     def admit(self, key: bytes, hello: Hello, our_nonce: bytes) -> str | None:
         """Why ``key`` is trusted after a handshake (None: it is not); ``hello`` is its

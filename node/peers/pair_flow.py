@@ -27,7 +27,7 @@ from aiohttp import web
 from node.common.wsaccept import upgrade_refusal
 from node.common.wsclose import close_ws
 from node.config import NodeConfig
-from node.peers.channel import WS_LIMIT, open_acceptor, open_dialer
+from node.peers.channel import WS_LIMIT
 from node.peers.handshake import Handshake
 from node.trust.pairing import PairingError, PairingOffer, TokenBook, make_offer, split_address
 from node.trust.store import TrustedPeer, TrustStore, check_name
@@ -120,9 +120,7 @@ async def handle_pair_request(node: PairingHost, request: web.Request) -> web.St
     core = node.core
     try:
         async with asyncio.timeout(PAIR_TIMEOUT):
-            channel = await open_acceptor(ws)
-            await channel.send(core.handshake.hello(channel))
-            hello_env, _ = core.handshake.accept(await channel.receive_frame(), channel)
+            channel, hello_env, _ = await core.handshake.as_acceptor(ws)
             env = core.decode(await channel.receive_frame())
             core.check_fresh(env)
             msg = env.message
@@ -212,12 +210,13 @@ async def _request(node: PairingHost, target: PairingOffer, address: str,
     """The dialer's side of ``/fl/v2/pair``: the answer of the code's key (PairingError
     for an impostor, ProtocolError for anything malformed)."""
     core = node.core
-    channel = await open_dialer(ws)
-    env, _ = core.handshake.accept(await channel.receive_frame(), channel)
-    if env.sender != target.public_key:
-        raise PairingError(f"{address} answered with key {node_id_from_key(env.sender)},"
-                           f" not {target.node_id}: refused as an impostor")
-    await channel.send(core.handshake.hello(channel))
+
+    def check_key(key: bytes) -> None:
+        if key != target.public_key:
+            raise PairingError(f"{address} answered with key {node_id_from_key(key)},"
+                               f" not {target.node_id}: refused as an impostor")
+
+    channel, _, _ = await core.handshake.as_dialer(ws, check_key)
     await channel.send(core.frame(PairRequest(token=target.token, name=node.config.name,
                                               addresses=core.addresses)))
     answer = core.decode(await channel.receive_frame())

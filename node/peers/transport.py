@@ -24,7 +24,7 @@ from node.common.health import Health
 from node.common.ratelog import RateLimitedLog
 from node.common.wsaccept import upgrade_refusal
 from node.common.wsclose import CLOSE_GRACE, AnyWebSocket, close_ws
-from node.peers.channel import WS_LIMIT, Channel, open_acceptor, open_dialer
+from node.peers.channel import WS_LIMIT, Channel
 from node.peers.core import RELAY_OVERHEAD, NodeCore
 from protocol.envelope import Envelope
 from protocol.errors import ProtocolError
@@ -129,9 +129,7 @@ class PeerTransport:
         handshake = self.core.handshake
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                channel = await open_acceptor(ws)
-                await channel.send(handshake.hello(channel))
-                env, hello = handshake.accept(await channel.receive_frame(), channel)
+                channel, env, hello = await handshake.as_acceptor(ws)
                 trust = handshake.admit(env.sender, hello, channel.ours)
         except (ProtocolError, TimeoutError, ConnectionError, aiohttp.ClientError) as exc:
             reason = exc.reason if isinstance(exc, ProtocolError) else type(exc).__name__
@@ -221,15 +219,15 @@ class PeerTransport:
                                         " fl-node") from None
                 raise
         handshake = self.core.handshake
+
+        def check_key(key: bytes) -> None:
+            if expected is not None and not expected(key):
+                raise ProtocolError(f"{address} answered with key {node_id_from_key(key)},"
+                                    " not the expected one: dropped as an impostor")
+
         try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                channel = await open_dialer(ws)
-                env, hello = handshake.accept(await channel.receive_frame(), channel)
-                if expected is not None and not expected(env.sender):
-                    raise ProtocolError(f"{address} answered with key"
-                                        f" {node_id_from_key(env.sender)}, not the expected"
-                                        " one: dropped as an impostor")
-                await channel.send(handshake.hello(channel))
+                channel, env, hello = await handshake.as_dialer(ws, check_key)
         except BaseException:
             await close_ws(ws)
             raise
