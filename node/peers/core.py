@@ -117,7 +117,7 @@ class NodeCore:
         #: Its aggregator: when that one goes down, we re-serve its model to our links
         #: (it may have died having sent it to only some of us).
         self.latest_model_aggregator: bytes | None = None
-        #: The three-hello handshake and admission (node.peers.handshake).
+        #: The hellos inside a link's channel, and admission (node.peers.handshake).
         self.handshake = Handshake(self)
         self._credential = self.trust.credential(federation, identity.public_key)
 
